@@ -1,0 +1,1 @@
+"""lfm2audio: LFM2-Audio inference and real-time serving."""
