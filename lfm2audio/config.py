@@ -176,9 +176,7 @@ class LFM2Config:
             if self.full_attn_idxs is None:
                 raise ConfigError("lfm: missing required key 'layer_types' (or 'full_attn_idxs')")
             attn = set(self.full_attn_idxs)
-            self.layer_types = [
-                "full_attention" if i in attn else "conv" for i in range(self.num_hidden_layers)
-            ]
+            self.layer_types = ["full_attention" if i in attn else "conv" for i in range(self.num_hidden_layers)]
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"lfm: layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
@@ -201,13 +199,15 @@ class LFM2Config:
     @property
     def ff_dim(self) -> int:
         """Effective SwiGLU width, with LFM2's automatic adjustment."""
-        ff = self.block_ff_dim if self.block_ff_dim is not None else self.intermediate_size
+        # transformers reads intermediate_size; the original block_ff_dim is its twin.
+        ff = self.intermediate_size if self.intermediate_size is not None else self.block_ff_dim
         assert ff is not None
         if self.block_auto_adjust_ff_dim:
             ff = int(2 * ff / 3)
+            # As in transformers' Lfm2MLP, rounding to block_multiple_of only happens with a multiplier.
             if self.block_ffn_dim_multiplier is not None:
                 ff = int(self.block_ffn_dim_multiplier * ff)
-            ff = self.block_multiple_of * math.ceil(ff / self.block_multiple_of)
+                ff = self.block_multiple_of * math.ceil(ff / self.block_multiple_of)
         return ff
 
 

@@ -49,7 +49,9 @@ def assert_close_golden(actual: torch.Tensor, name: str, golden: dict, index: di
     """Compare with golden tensor ``name`` under the tolerance index.json gives it."""
     expected = golden[name]
     tol = index["tensors"][name]["tolerance"]
-    assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     if tol == "exact":
         assert actual.dtype == expected.dtype or not expected.is_floating_point(), f"{name}: dtype {actual.dtype}"
         assert torch.equal(actual.to(expected.dtype), expected), f"{name}: not exactly equal"

@@ -1,0 +1,176 @@
+"""Depthformer: the small transformer that turns one backbone state into a frame's 8 codes.
+
+For codebook k the input is ``depth_linear(h)[k] + depth_embeddings[k-1](code[k-1])``
+(nothing is added for k = 0); it runs causally over the 8 codebooks with a KV
+cache, and ``depth_embeddings[k].to_logits(embedding_norm(out))`` gives the
+logits of codebook k. Attention is GQA (32 heads, 8 KV heads, head_dim =
+dim/32) with per-head RMSNorm on q and k and RoPE on interleaved pairs at
+positions 0..7. Parameter names follow the checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lfm2audio.config import DepthformerConfig
+from lfm2audio.model.lfm2 import SwiGLU
+from lfm2audio.sampling import SamplingParams, sample, sample_rows
+
+
+class RMSNorm(nn.Module):
+    """The reference's own RMSNorm: the weight multiplies before casting back (differs from LFM2's in bf16)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight).to(x.dtype)
+
+
+def swiglu_width(dim: int, multiple_of: int = 256) -> int:
+    """Feed-forward width of the reference GLU for ff_dim = 4 * dim."""
+    ff = int(2 * (4 * dim) / 3)
+    return multiple_of * ((ff + multiple_of - 1) // multiple_of)
+
+
+class CodebookEmbedding(nn.Module):
+    """Embedding table, output norm and logits head of one codebook (names as in the checkpoint)."""
+
+    def __init__(self, dim: int, vocab: int, eps: float, tie: bool) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.embedding_norm = RMSNorm(dim, eps)
+        self.to_logits = nn.Linear(dim, vocab, bias=False)
+        self.tie = tie
+        self.retie()
+
+    def retie(self) -> None:
+        if self.tie:
+            self.to_logits.weight = self.embedding.weight
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.to_logits(self.embedding_norm(x))
+
+
+class BoundedAttention(nn.Module):
+    """Holds the q/k norms; the name matches the checkpoint's ``operator.bounded_attention``."""
+
+    def __init__(self, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.q_layernorm = RMSNorm(head_dim, eps)
+        self.k_layernorm = RMSNorm(head_dim, eps)
+
+
+class DepthAttention(nn.Module):
+    def __init__(self, cfg: DepthformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        width = cfg.dim + 2 * self.n_kv * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.dim, width, bias=False)
+        self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.bounded_attention = BoundedAttention(self.head_dim, cfg.norm_eps)
+
+    def forward(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """One codebook step for B rows: x (B, dim); caches (B, 8, n_kv, head_dim) filled up to ``pos``."""
+        B = x.shape[0]
+        hd = self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q = self.bounded_attention.q_layernorm(q.view(B, self.n_heads, hd))
+        k = self.bounded_attention.k_layernorm(k.view(B, self.n_kv, hd))
+        q, k = apply_rope_pairs(q, rope), apply_rope_pairs(k, rope)
+        k_cache[:, pos] = k
+        v_cache[:, pos] = v.view(B, self.n_kv, hd)
+        keys = k_cache[:, : pos + 1].transpose(1, 2)
+        values = v_cache[:, : pos + 1].transpose(1, 2)
+        # The new query is the last position, so every cached key is visible.
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=self.n_heads != self.n_kv)
+        return self.out_proj(out.reshape(B, -1))
+
+
+def apply_rope_pairs(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) by the complex ``rope`` (head_dim/2,)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rope).flatten(-2).to(x.dtype)
+
+
+class DepthBlock(nn.Module):
+    def __init__(self, cfg: DepthformerConfig) -> None:
+        super().__init__()
+        self.operator = DepthAttention(cfg)
+        self.feed_forward = SwiGLU(cfg.dim, swiglu_width(cfg.dim))
+        self.operator_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Depthformer(nn.Module):
+    def __init__(self, cfg: DepthformerConfig, codebooks: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.codebooks = codebooks
+        self.layers = nn.ModuleList(DepthBlock(cfg) for _ in range(cfg.layers))
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        hd = self.cfg.head_dim
+        freqs = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+        angles = torch.outer(torch.arange(self.codebooks).float(), freqs)
+        device = self.layers[0].operator_norm.weight.device if len(self.layers) else None
+        if device is not None and device.type == "meta":
+            device = None
+        self.register_buffer("rope", torch.polar(torch.ones_like(angles), angles).to(device), persistent=False)
+
+    def step(self, x: Tensor, caches: list[tuple[Tensor, Tensor]], pos: int) -> Tensor:
+        for blk, (kc, vc) in zip(self.layers, caches, strict=True):
+            x = x + blk.operator(blk.operator_norm(x), self.rope[pos], kc, vc, pos)
+            x = x + blk.feed_forward(blk.ffn_norm(x))
+        return x
+
+    def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        shape = (batch, self.codebooks, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return [
+            (torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+            for _ in self.layers
+        ]
+
+
+def sample_audio_frame(
+    depthformer: Depthformer,
+    depth_linear: nn.Linear,
+    embeddings: nn.ModuleList,
+    hidden: Tensor,
+    params: SamplingParams | list[SamplingParams],
+    generator: torch.Generator | list[torch.Generator | None] | None = None,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Codes (B, codebooks) for backbone states ``hidden`` (B, hidden), one codebook after another.
+
+    ``params`` is one SamplingParams for all rows or one per row (then
+    ``generator`` may be one per row too). With ``return_logits`` also returns
+    the (B, codebooks, vocab) logits along the chosen path.
+    """
+    B = hidden.shape[0]
+    C, dim = depthformer.codebooks, depthformer.cfg.dim
+    inputs = depth_linear(hidden).view(B, C, dim)
+    caches = depthformer.new_caches(B, hidden.device, hidden.dtype)
+    codes = torch.empty(B, C, dtype=torch.long, device=hidden.device)
+    all_logits = []
+    prev = torch.zeros(B, dim, device=hidden.device, dtype=hidden.dtype)
+    for k in range(C):
+        out = depthformer.step(inputs[:, k] + prev, caches, k)
+        logits = embeddings[k].logits(out)
+        if return_logits:
+            all_logits.append(logits)
+        if isinstance(params, SamplingParams):
+            codes[:, k] = sample(logits, params, generator)  # type: ignore[arg-type]
+        else:
+            codes[:, k] = sample_rows(logits, params, generator)  # type: ignore[arg-type]
+        prev = embeddings[k].embedding(codes[:, k])
+    if return_logits:
+        return codes, torch.stack(all_logits, 1)
+    return codes

@@ -1,0 +1,266 @@
+"""LFM2AudioModel: audio encoder + adapter, LFM2 backbone, audio embeddings and depthformer.
+
+The module tree and parameter names are those of the official checkpoint, so
+``state_dict()`` has exactly its keys. Generation lives in
+``lfm2audio.generation``; this file assembles inputs and runs the parts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lfm2audio.config import LFM2AudioConfig
+from lfm2audio.model.adapter import AudioAdapter
+from lfm2audio.model.conformer import ConformerEncoder
+from lfm2audio.model.depthformer import CodebookEmbedding, Depthformer, sample_audio_frame
+from lfm2audio.model.lfm2 import LFM2Backbone
+from lfm2audio.sampling import GREEDY, SamplingParams
+
+if TYPE_CHECKING:
+    from lfm2audio.generation import ConversationCache
+
+END_OF_AUDIO = 2048
+AUDIO_START = 128
+TEXT_END = 130
+IM_END = 7
+
+
+class LFMModality(IntEnum):
+    TEXT = 1
+    AUDIO_IN = 2
+    AUDIO_OUT = 3
+
+
+def mel_to_embedding_len(frames: int | Tensor) -> int | Tensor:
+    """Backbone positions for an audio turn of ``frames`` mel frames: ceil(frames / 8)."""
+    return -(frames // -8)
+
+
+class LFM2AudioModel(nn.Module):
+    def __init__(self, config: LFM2AudioConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.codebooks = config.codebooks
+        hidden = config.lfm.hidden_size
+        vocab = config.audio_vocab_size
+
+        self.lfm = LFM2Backbone(config.lfm)
+        self.conformer = ConformerEncoder(config.encoder)
+        self.audio_adapter = AudioAdapter(config.encoder.output_dim, hidden)
+        # Audio-out frames enter the backbone as the sum of 8 rows of this table.
+        self.audio_embedding = CodebookEmbedding(hidden, vocab * config.codebooks, 1e-5, config.tie_audio_embeddings)
+        self.register_buffer("codebook_offsets", torch.arange(config.codebooks) * vocab)
+        self.register_buffer("audio_loss_weights", _audio_loss_weights(config))
+        self.depthformer = Depthformer(config.depthformer, config.codebooks)
+        self.depth_linear = nn.Linear(hidden, config.depthformer.dim * config.codebooks)
+        self.depth_embeddings = nn.ModuleList(
+            CodebookEmbedding(config.depthformer.dim, vocab, config.depthformer.norm_eps, config.depthformer.tie)
+            for _ in range(config.codebooks)
+        )
+
+    # Loading -----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LFM2AudioModel:
+        """Load a local folder or a Hub repo (official layout, safetensors only)."""
+        from lfm2audio.loading import load_model
+
+        return load_model(repo_id_or_path, revision=revision, device=device, dtype=dtype)
+
+    def retie(self) -> None:
+        """Re-establish tied weights (loading assigns each checkpoint key its own tensor)."""
+        self.audio_embedding.retie()
+        for emb in self.depth_embeddings:
+            emb.retie()
+
+    @property
+    def device(self) -> torch.device:
+        return self.lfm.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lfm.embed_tokens.weight.dtype
+
+    # Embeddings --------------------------------------------------------------
+
+    def embed_text(self, tokens: Tensor) -> Tensor:
+        return self.lfm.embed_tokens(tokens)
+
+    def embed_audio_frames(self, codes: Tensor) -> Tensor:
+        """(..., codebooks) codes -> (..., hidden): sum over codebooks of the offset embeddings."""
+        return self.audio_embedding.embedding(codes + self.codebook_offsets).sum(-2, dtype=self.dtype)
+
+    def encode_audio(self, mel: Tensor, mel_lens: Tensor) -> Tensor:
+        """Concatenated mel frames (n_mels, sum(lens)) of several turns -> (sum(ceil(lens/8)), hidden).
+
+        The turns are encoded as one zero-padded batch, as the reference does.
+        """
+        if mel_lens.numel() == 0:
+            return mel.new_zeros((0, self.config.lfm.hidden_size), dtype=self.dtype)
+        turns = mel.mT.split(mel_lens.tolist())
+        padded = nn.utils.rnn.pad_sequence(turns, batch_first=True).mT.to(self.dtype)
+        enc, enc_lens = self.conformer(padded, mel_lens.to(padded.device))
+        valid = torch.arange(enc.shape[-1], device=enc.device) < enc_lens.unsqueeze(1)
+        return self.audio_adapter(enc.mT[valid])
+
+    def embed_inputs(
+        self,
+        *,
+        text: Tensor,
+        audio_in: Tensor,
+        audio_in_lens: Tensor,
+        audio_out: Tensor,
+        modality_flag: Tensor,
+    ) -> Tensor:
+        """The backbone input (1, N, hidden) for a ChatState's five tensors (the reference's ``_prefill``)."""
+        check_inputs(self.codebooks, text, audio_in, audio_in_lens, audio_out, modality_flag)
+        flags = modality_flag[0]
+        out = torch.empty((1, flags.shape[0], self.config.lfm.hidden_size), device=self.device, dtype=self.dtype)
+        out[0, flags == LFMModality.TEXT] = self.embed_text(text[0].to(self.device))
+        audio = self.encode_audio(audio_in.to(self.device), audio_in_lens.to(self.device))
+        out[0, flags == LFMModality.AUDIO_IN] = audio
+        frames = audio_out[: self.codebooks].to(self.device).T
+        out[0, flags == LFMModality.AUDIO_OUT] = self.embed_audio_frames(frames)
+        return out
+
+    # Heads ---------------------------------------------------------------------
+
+    def text_logits(self, hidden: Tensor) -> Tensor:
+        """Tied-embedding logits for backbone states (..., hidden)."""
+        return nn.functional.linear(hidden, self.lfm.embed_tokens.weight)
+
+    def sample_audio_frame(
+        self,
+        hidden: Tensor,
+        params: SamplingParams | list[SamplingParams] = GREEDY,
+        generator: torch.Generator | list[torch.Generator | None] | None = None,
+    ) -> Tensor:
+        """Codes (B, codebooks) for backbone states (B, hidden)."""
+        return sample_audio_frame(  # type: ignore[return-value]
+            self.depthformer, self.depth_linear, self.depth_embeddings, hidden, params, generator
+        )
+
+    def audio_frame_logits(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Greedy codes (B, codebooks) and the logits (B, codebooks, vocab) along that path."""
+        return sample_audio_frame(  # type: ignore[return-value]
+            self.depthformer, self.depth_linear, self.depth_embeddings, hidden, SamplingParams(), None, True
+        )
+
+    # Generation (see lfm2audio.generation) --------------------------------------
+
+    def generate_interleaved(
+        self,
+        *,
+        text: Tensor,
+        audio_in: Tensor,
+        audio_in_lens: Tensor,
+        audio_out: Tensor,
+        modality_flag: Tensor,
+        max_new_tokens: int = 20,
+        text_temperature: float | None = None,
+        text_top_k: int | None = None,
+        audio_temperature: float | None = None,
+        audio_top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        cache: ConversationCache | None = None,
+    ) -> Iterator[Tensor]:
+        """Text and audio in a fixed pattern (interleaved_n_text / interleaved_n_audio), for chat.
+
+        Yields 1-entry tensors (text tokens) and ``codebooks``-entry tensors (audio frames).
+        """
+        from lfm2audio.generation import generate
+
+        return generate(
+            self, "interleaved", text, audio_in, audio_in_lens, audio_out, modality_flag, max_new_tokens,
+            SamplingParams(text_temperature, text_top_k), SamplingParams(audio_temperature, audio_top_k),
+            generator, cache,
+        )  # fmt: skip
+
+    def generate_sequential(
+        self,
+        *,
+        text: Tensor,
+        audio_in: Tensor,
+        audio_in_lens: Tensor,
+        audio_out: Tensor,
+        modality_flag: Tensor,
+        max_new_tokens: int = 20,
+        text_temperature: float | None = None,
+        text_top_k: int | None = None,
+        audio_temperature: float | None = None,
+        audio_top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        cache: ConversationCache | None = None,
+    ) -> Iterator[Tensor]:
+        """Text until <|audio_start|>, then audio until an end-of-audio frame, for ASR and TTS."""
+        from lfm2audio.generation import generate
+
+        return generate(
+            self, "sequential", text, audio_in, audio_in_lens, audio_out, modality_flag, max_new_tokens,
+            SamplingParams(text_temperature, text_top_k), SamplingParams(audio_temperature, audio_top_k),
+            generator, cache,
+        )  # fmt: skip
+
+
+def _audio_loss_weights(config: LFM2AudioConfig) -> Tensor:
+    # Training-only buffer, kept because the checkpoint carries it.
+    n = config.codebooks
+    if config.codebook_weight == "log":
+        return (torch.linspace(1, 0, n) * math.log(config.semantic_codebook_factor)).exp()
+    weights = torch.ones(n)
+    weights[0] *= config.semantic_codebook_factor
+    return weights
+
+
+def check_inputs(
+    codebooks: int, text: Tensor, audio_in: Tensor, audio_in_lens: Tensor, audio_out: Tensor, modality_flag: Tensor
+) -> None:
+    """Raise ValueError with what is wrong when the five ChatState tensors do not fit together."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(msg)
+
+    for name, t, ndim in (
+        ("text", text, 2),
+        ("audio_in", audio_in, 2),
+        ("audio_in_lens", audio_in_lens, 1),
+        ("audio_out", audio_out, 2),
+        ("modality_flag", modality_flag, 2),
+    ):
+        need(isinstance(t, Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        need(t.dim() == ndim, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    need(text.shape[0] == 1, f"text must have shape (1, N), got {tuple(text.shape)}")
+    need(modality_flag.shape[0] == 1, f"modality_flag must have shape (1, N), got {tuple(modality_flag.shape)}")
+    need(audio_out.shape[0] >= codebooks, f"audio_out must have {codebooks} rows, got {audio_out.shape[0]}")
+    need(audio_in.shape[0] == 128, f"audio_in must have 128 mel rows, got {audio_in.shape[0]}")
+    flags = modality_flag[0]
+    n_text = int((flags == LFMModality.TEXT).sum())
+    n_in = int((flags == LFMModality.AUDIO_IN).sum())
+    n_out = int((flags == LFMModality.AUDIO_OUT).sum())
+    need(n_text + n_in + n_out == flags.shape[0], "modality_flag holds values other than 1, 2 and 3")
+    need(n_text == text.shape[1], f"modality_flag has {n_text} text positions but text has {text.shape[1]} tokens")
+    need(
+        n_out == audio_out.shape[1],
+        f"modality_flag has {n_out} audio-out positions but audio_out has {audio_out.shape[1]} frames",
+    )
+    need(
+        int(audio_in_lens.sum()) == audio_in.shape[1],
+        f"audio_in_lens sums to {int(audio_in_lens.sum())} but audio_in has {audio_in.shape[1]} frames",
+    )
+    expected_in = int(mel_to_embedding_len(audio_in_lens).sum()) if audio_in_lens.numel() else 0
+    need(n_in == expected_in, f"modality_flag has {n_in} audio-in positions, the audio turns need {expected_in}")

@@ -1,0 +1,110 @@
+"""Parity of the whole model with the reference (liquid-audio 1.3.0) on the golden checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_golden
+from golden_chat import INPUT_NAMES, TURN2_TEXT, as_steps, build_state
+
+from lfm2audio import LFM2AudioModel, LFM2AudioProcessor, LFMModality
+
+KINDS = ["asr", "chat", "tts"]
+
+
+@pytest.fixture(scope="module")
+def proc(checkpoint_dir):
+    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):
+    return LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def model_tts(checkpoint_tts_dir):
+    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chat_state_tensors(proc, golden, golden_index, kind):
+    chat = build_state(proc, kind, golden["input.wave_user1"])
+    for name in INPUT_NAMES:
+        assert_close_golden(getattr(chat, name), f"state.{kind}.{name}", golden, golden_index)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_and_backbone(proc, model, golden, golden_index, kind):
+    chat = build_state(proc, kind, golden["input.wave_user1"])
+    with torch.inference_mode():
+        emb = model.embed_inputs(**{k: chat[k] for k in INPUT_NAMES})
+        assert_close_golden(emb, f"prefill.{kind}.embeddings", golden, golden_index)
+        hidden, _ = model.lfm(golden[f"prefill.{kind}.embeddings"])
+        assert_close_golden(hidden, f"backbone.{kind}.last_hidden_state", golden, golden_index)
+        logits = model.text_logits(hidden[0, -1])
+        assert_close_golden(logits, f"backbone.{kind}.next_text_logits", golden, golden_index)
+
+
+def test_backbone_cached_equals_uncached(model, golden):
+    emb = golden["prefill.chat.embeddings"]
+    with torch.inference_mode():
+        full, _ = model.lfm(emb)
+        cache = model.lfm.new_cache(1, 64)
+        parts = [model.lfm(emb[:, a:b], cache)[0] for a, b in [(0, 7), (7, 49), (49, 50)]]
+    assert int(cache.lengths[0]) == 50
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_depthformer_frame(model, golden, golden_index):
+    with torch.inference_mode():
+        codes, logits = model.audio_frame_logits(golden["depth.input"][None])
+    assert_close_golden(codes[0], "depth.frame", golden, golden_index)
+    assert_close_golden(logits[0], "depth.logits", golden, golden_index)
+
+
+@pytest.mark.parametrize("weights", ["gen", "gen_tts"])
+@pytest.mark.parametrize("mode", ["seq", "inter"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_streams(proc, model, model_tts, golden, weights, mode, kind):
+    m = model if weights == "gen" else model_tts
+    chat = build_state(proc, kind, golden["input.wave_user1"])
+    fn = m.generate_sequential if mode == "seq" else m.generate_interleaved
+    out = list(fn(**chat, max_new_tokens=60))
+    assert all(t.numel() in (1, 8) for t in out)
+    steps = as_steps(out)
+    expected = golden[f"{weights}.{mode}.{kind}.steps"]
+    assert steps.shape == expected.shape
+    mismatch = (steps != expected).any(1).nonzero()
+    assert mismatch.numel() == 0, f"first differing yield: {mismatch[0].item()}"
+    modality = torch.tensor([1 if t.numel() == 1 else 3 for t in out])
+    assert torch.equal(modality, golden[f"{weights}.{mode}.{kind}.modality"])
+
+
+def _turn(model, chat, *, cache: bool):
+    kwargs = dict(chat) if cache else {k: chat[k] for k in INPUT_NAMES}
+    return list(model.generate_interleaved(**kwargs, max_new_tokens=60))
+
+
+@pytest.mark.parametrize("keep_cache", [True, False])
+def test_two_turn_conversation(proc, model, golden, golden_index, keep_cache):
+    """The README's two-turn chat; with the kept cache turn 2 prefills only its new positions."""
+    chat = build_state(proc, "chat", golden["input.wave_user1"], keep_cache=keep_cache)
+    turn1 = _turn(model, chat, cache=keep_cache)
+    assert torch.equal(as_steps(turn1), golden["conv.turn1.steps"])
+    text = [t for t in turn1 if t.numel() == 1]
+    audio = [t for t in turn1 if t.numel() == 8]
+    flags = [LFMModality.TEXT if t.numel() == 1 else LFMModality.AUDIO_OUT for t in turn1]
+    chat.append(text=torch.stack(text, 1), audio_out=torch.stack(audio, 1), modality_flag=torch.tensor(flags))
+    chat.end_turn()
+    chat.new_turn("user")
+    chat.add_text(TURN2_TEXT)
+    chat.end_turn()
+    chat.new_turn("assistant")
+    for name in INPUT_NAMES:
+        assert_close_golden(getattr(chat, name), f"conv.state_before_turn2.{name}", golden, golden_index)
+    turn2 = _turn(model, chat, cache=keep_cache)
+    assert torch.equal(as_steps(turn2), golden["conv.turn2.steps"])
+    if keep_cache:
+        # Turn 2 reused the prompt of turn 1 and every generated token but the last, which was never fed.
+        assert chat.cache.reused_positions == golden["state.chat.modality_flag"].shape[1] + len(turn1) - 1
