@@ -51,7 +51,9 @@ class LFM2Cache:
     """Decoding state of the backbone for ``batch`` independent rows.
 
     ``keys[i]`` / ``values[i]`` belong to the i-th attention layer and have shape
-    (batch, max_len, n_kv_heads, head_dim); position p of row b lives at [b, p].
+    (batch, max_len + 1, n_kv_heads, head_dim); position p of row b lives at [b, p].
+    The extra last position is scratch: padding tokens of rows that do not
+    advance (``valid`` 0 in a batched step) write there, never over real keys.
     ``conv[i]`` holds the last ``L_cache - 1`` gated inputs of the i-th conv layer,
     (batch, hidden, L_cache - 1). ``lengths[b]`` counts the tokens row b has seen,
     which is also the position of its next token.
@@ -68,7 +70,28 @@ class LFM2Cache:
 
     @property
     def max_len(self) -> int:
-        return int(self.keys[0].shape[1]) if self.keys else 0
+        """Positions a row can hold."""
+        return int(self.keys[0].shape[1]) - 1 if self.keys else 1 << 62
+
+    def rows(self, start: int, stop: int) -> LFM2Cache:
+        """A view of rows [start, stop): stepping it updates this cache in place."""
+        return LFM2Cache(
+            keys=[k[start:stop] for k in self.keys],
+            values=[v[start:stop] for v in self.values],
+            conv=[c[start:stop] for c in self.conv],
+            lengths=self.lengths[start:stop],
+        )
+
+    def snapshot_row(self, row: int) -> tuple[list[Tensor], int]:
+        """The small part of a row's state that cannot be rewound (conv tails), and its length."""
+        return [c[row].clone() for c in self.conv], int(self.lengths[row])
+
+    def rewind_row(self, row: int, snapshot: tuple[list[Tensor], int]) -> None:
+        """Return row ``row`` to a snapshot taken earlier on this row (its keys up to that length are intact)."""
+        tails, length = snapshot
+        for c, t in zip(self.conv, tails, strict=True):
+            c[row] = t
+        self.lengths[row] = length
 
     def reset_rows(self, rows: Tensor | list[int]) -> None:
         """Start the given rows afresh; other rows are untouched."""
@@ -90,7 +113,7 @@ class LFM2Cache:
 
     def copy_row_(self, dst: int, src: LFM2Cache, src_row: int = 0) -> None:
         """Copy row ``src_row`` of ``src`` into row ``dst`` of this cache."""
-        n = min(self.max_len, src.max_len)
+        n = min(int(src.lengths[src_row]), self.max_len)
         for a, b in zip(self.keys + self.values, src.keys + src.values, strict=True):
             a[dst, :n] = b[src_row, :n]
         for a, b in zip(self.conv, src.conv, strict=True):
@@ -230,7 +253,7 @@ class LFM2Backbone(nn.Module):
         cfg = self.cfg
         n_attn = sum(1 for blk in self.layers if blk.is_attention)
         n_conv = len(self.layers) - n_attn
-        kv_shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        kv_shape = (batch_size, max_len + 1, cfg.num_key_value_heads, cfg.head_dim)
         return LFM2Cache(
             keys=[torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(n_attn)],
             values=[torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(n_attn)],
@@ -277,14 +300,17 @@ class LFM2Backbone(nn.Module):
             if cache.batch_size != B:
                 raise ValueError(f"cache has {cache.batch_size} rows but the input has {B}")
             positions = cache.lengths.view(B, 1) + torch.arange(T, device=x.device)
-            kv_len = int(positions.max().item()) + 1
-            if kv_len > cache.max_len:
-                raise ContextFullError(f"context full: position {kv_len - 1} does not fit a cache of {cache.max_len}")
+            end = cache.lengths + (T if valid is None else valid)
+            if B and int(end.max()) > cache.max_len:
+                raise ContextFullError(f"context full: {int(end.max())} positions do not fit a cache of {cache.max_len}")
+            kv_len = min(int(positions.max()) + 1, cache.max_len + 1) if B else 1
             key_pos = torch.arange(kv_len, device=x.device).view(1, 1, 1, kv_len)
             qpos = positions.view(B, 1, T, 1)
             full_mask = key_pos <= qpos
             sliding_mask = full_mask & (key_pos > qpos - window) if window is not None else None
         cos, sin = self.rope(positions, x.dtype)
+        # Padding tokens of rows at their limit land in the scratch position.
+        write = positions.clamp(max=cache.max_len) if cache is not None else None
 
         attn_i = conv_i = 0
         for blk in self.layers:
@@ -292,7 +318,7 @@ class LFM2Backbone(nn.Module):
             if blk.is_attention:
                 kv = (cache.keys[attn_i], cache.values[attn_i]) if cache is not None else None
                 mask = sliding_mask if blk.sliding else full_mask
-                h = blk.self_attn(h, cos, sin, mask, kv, positions if cache is not None else None, kv_len)
+                h = blk.self_attn(h, cos, sin, mask, kv, write, kv_len)
                 attn_i += 1
             else:
                 tail = cache.conv[conv_i] if cache is not None else None

@@ -1,0 +1,43 @@
+"""Batched multi-session engine: session pool, batched scheduler, event streams (no sockets here)."""
+
+from lfm2audio.engine.engine import Engine, EngineConfig
+from lfm2audio.engine.events import (
+    OUTPUT_SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    AudioFrame,
+    EmptyInputError,
+    EngineError,
+    Event,
+    EventQueue,
+    InputTooLargeError,
+    PoolFullError,
+    ResponseDone,
+    ResponseInProgressError,
+    ResponseStats,
+    SessionClosedError,
+    SessionEvent,
+    TextDelta,
+)
+from lfm2audio.engine.session import Session, SessionConfig
+
+__all__ = [
+    "OUTPUT_SAMPLE_RATE",
+    "SAMPLES_PER_FRAME",
+    "AudioFrame",
+    "EmptyInputError",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "Event",
+    "EventQueue",
+    "InputTooLargeError",
+    "PoolFullError",
+    "ResponseDone",
+    "ResponseInProgressError",
+    "ResponseStats",
+    "Session",
+    "SessionClosedError",
+    "SessionConfig",
+    "SessionEvent",
+    "TextDelta",
+]

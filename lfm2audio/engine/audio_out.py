@@ -1,0 +1,54 @@
+"""Streaming audio output for the engine's session slots: Mimi or the LFM2.5 detokenizer.
+
+Each slot has its own decoder row; a response restarts its slot's row. Codes
+outside [0, 2047] (2048 can be drawn in codebooks 1..7, which the reference
+would crash on) are clamped for decoding only: the history keeps what was drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lfm2audio.engine.events import SAMPLES_PER_FRAME
+
+Decoder = Literal["auto", "mimi", "detokenizer"]
+
+
+class SlotAudioDecoder:
+    """One streaming decoder state per slot; ``decode`` runs the given slots' frames."""
+
+    def __init__(self, codec: Any, kind: str, slots: int) -> None:
+        self.codec = codec
+        self.kind = kind
+        self.states: list[Any] = [self._new_state() for _ in range(slots)]
+
+    def _new_state(self) -> Any:
+        if self.kind == "mimi":
+            return self.codec.decoder_state(1)
+        return self.codec.stream_state(1)
+
+    def reset(self, slot: int) -> None:
+        self.states[slot] = self._new_state()
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], codes: Tensor) -> Tensor:
+        """PCM (len(slots), 1920) float32 for frames ``codes`` (len(slots), 8)."""
+        codes = codes.clamp(0, 2047)
+        out = []
+        for j, slot in enumerate(slots):
+            pcm, self.states[slot] = self.codec.decode_step(codes[j : j + 1], self.states[slot])
+            out.append(pcm.reshape(1, -1)[:, :SAMPLES_PER_FRAME].float())
+        return torch.cat(out) if out else torch.zeros((0, SAMPLES_PER_FRAME))
+
+
+def make_audio_decoder(processor: Any, choice: Decoder, slots: int) -> SlotAudioDecoder:
+    """The checkpoint's decoder: the detokenizer when it ships one (``auto``), else Mimi."""
+    if choice not in ("auto", "mimi", "detokenizer"):
+        raise ValueError(f"audio_decoder must be 'auto', 'mimi' or 'detokenizer', got {choice!r}")
+    if choice == "auto":
+        choice = "detokenizer" if processor.detokenizer_path is not None else "mimi"
+    codec = processor.audio_detokenizer if choice == "detokenizer" else processor.mimi
+    return SlotAudioDecoder(codec, choice, slots)

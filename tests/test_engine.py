@@ -1,0 +1,282 @@
+"""The batched engine on the tiny golden model: exact streams, cancel, pool limits, context policy, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+
+import numpy as np
+import pytest
+import torch
+from golden_chat import SYSTEM, TTS_TEXT, TURN2_TEXT, as_steps, build_state
+
+from lfm2audio import ChatState, LFM2AudioModel, LFM2AudioProcessor, LFMModality
+from lfm2audio.engine import (
+    AudioFrame,
+    EmptyInputError,
+    Engine,
+    EngineConfig,
+    InputTooLargeError,
+    PoolFullError,
+    ResponseDone,
+    ResponseInProgressError,
+    SessionClosedError,
+    SessionConfig,
+    SessionEvent,
+    TextDelta,
+)
+
+TTS_VOICE = SYSTEM["tts"].split("voice: ")[1]
+
+
+@pytest.fixture(scope="module")
+def proc(checkpoint_dir):
+    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):
+    return LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model_tts(checkpoint_tts_dir):
+    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device="cpu")
+
+
+@pytest.fixture()
+def engine(model, proc):
+    eng = Engine(model, proc, EngineConfig(max_sessions=4, prefill_chunk=16)).start()
+    yield eng
+    eng.stop()
+
+
+def collect(session, timeout: float = 60.0):
+    """(steps as yielded tokens, events, ResponseDone) of the session's current response."""
+    tokens, events = [], []
+    while True:
+        ev = session.events.get(timeout=timeout)
+        events.append(ev)
+        if isinstance(ev, TextDelta):
+            tokens.append(torch.tensor([ev.token_id]))
+        elif isinstance(ev, AudioFrame):
+            tokens.append(torch.tensor(ev.codes))
+        elif isinstance(ev, ResponseDone):
+            return tokens, events, ev
+
+
+def voice_session(engine, golden, mode: str, **kw):
+    s = engine.open_session(SessionConfig(mode=mode, **kw))
+    s.append_audio(golden["input.wave_user1"][0].numpy(), 16_000)
+    s.commit_audio()
+    return s
+
+
+def test_sessions_started_at_different_times_match_generate(engine, golden):
+    """Three sessions joining a running batch give exactly the single-session greedy streams."""
+    chat = voice_session(engine, golden, "chat")
+    chat.create_response(max_output_tokens=60)
+    first = chat.events.get(timeout=30)  # chat is decoding before the others arrive
+    asr = voice_session(engine, golden, "asr")
+    asr.create_response(max_output_tokens=60)
+    tts = engine.open_session(SessionConfig(mode="tts", voice=TTS_VOICE))
+    tts.add_text(TTS_TEXT)
+    tts.create_response(max_output_tokens=60)
+    chat_tokens, _, chat_done = collect(chat)
+    chat_tokens.insert(0, torch.tensor([first.token_id]))
+    for tokens, name in [
+        (chat_tokens, "gen.inter.chat"),
+        (collect(asr)[0], "gen.seq.asr"),
+        (collect(tts)[0], "gen.seq.tts"),
+    ]:
+        assert torch.equal(as_steps(tokens), golden[f"{name}.steps"]), name
+    assert chat_done.stats.audio_frames == 36 and chat_done.stats.text_tokens == 24
+    assert engine.steps < 60 * 3  # the sessions shared steps
+
+
+def test_audio_frames_and_end_of_audio(model_tts, proc, golden):
+    """checkpoint_tts: sequential TTS with <|audio_start|>, frames, an end-of-audio frame; PCM per frame."""
+    eng = Engine(model_tts, proc, EngineConfig(max_sessions=2)).start()
+    try:
+        tts = eng.open_session(SessionConfig(mode="tts", voice=TTS_VOICE))
+        tts.add_text(TTS_TEXT)
+        tts.create_response(max_output_tokens=60)
+        chat = voice_session(eng, golden, "chat")
+        chat.create_response(max_output_tokens=60)
+        tokens, events, done = collect(tts)
+        assert torch.equal(as_steps(tokens), golden["gen_tts.seq.tts.steps"])
+        frames = [e for e in events if isinstance(e, AudioFrame)]
+        eoa = [f for f in frames if f.end_of_audio]
+        assert len(eoa) == 1 and eoa[0].pcm.size == 0 and set(eoa[0].codes) == {2048}
+        sound = [f for f in frames if not f.end_of_audio]
+        assert all(f.pcm.shape == (1920,) and f.pcm.dtype == np.float32 for f in sound)
+        assert np.abs(np.concatenate([f.pcm for f in sound])).max() > 0
+        assert [f.index for f in frames] == list(range(len(frames)))
+        assert done.stats.time_to_first_audio_s is not None and done.stats.real_time_factor is not None
+        tokens, _, _ = collect(chat)
+        assert torch.equal(as_steps(tokens), golden["gen_tts.inter.chat.steps"])
+    finally:
+        eng.stop()
+
+
+def test_two_turns_keep_the_cache(engine, golden):
+    s = voice_session(engine, golden, "chat")
+    s.create_response(max_output_tokens=60)
+    tokens, _, done1 = collect(s)
+    assert torch.equal(as_steps(tokens), golden["conv.turn1.steps"])
+    s.add_text(TURN2_TEXT)
+    s.create_response(max_output_tokens=60)
+    tokens, _, done2 = collect(s)
+    assert torch.equal(as_steps(tokens), golden["conv.turn2.steps"])
+    assert done1.stats.reused_positions == 0
+    assert done2.stats.reused_positions == 50 + 59  # all of turn 1 but its last, unfed token
+    assert done2.stats.prompt_positions == 138 - 109
+
+
+def _chat_with(proc, golden, emitted: list[torch.Tensor]) -> ChatState:
+    chat = build_state(proc, "chat", golden["input.wave_user1"])
+    text = [t for t in emitted if t.numel() == 1]
+    audio = [t for t in emitted if t.numel() == 8]
+    flags = torch.tensor([LFMModality.TEXT if t.numel() == 1 else LFMModality.AUDIO_OUT for t in emitted])
+    chat.append(
+        text=torch.stack(text, 1) if text else torch.zeros((1, 0), dtype=torch.long),
+        audio_out=torch.stack(audio, 1) if audio else torch.zeros((8, 0), dtype=torch.long),
+        modality_flag=flags,
+    )
+    chat.end_turn()
+    return chat
+
+
+def test_cancel_keeps_what_was_emitted(engine, model, proc, golden):
+    s = voice_session(engine, golden, "chat")
+    s.create_response(max_output_tokens=60)
+    emitted = []
+    while len(emitted) < 10:
+        ev = s.events.get(timeout=30)
+        emitted.append(torch.tensor([ev.token_id]) if isinstance(ev, TextDelta) else torch.tensor(ev.codes))
+    assert s.cancel()
+    rest, _, done = collect(s)
+    assert done.status == "cancelled" and done.reason == "client_cancelled"
+    emitted += rest
+    assert len(emitted) < 60  # it stopped early
+    assert torch.equal(as_steps(emitted), golden["conv.turn1.steps"][: len(emitted)])
+    assert not s.responding and not s.cancel()
+    # The next turn continues from exactly what was emitted.
+    s.add_text(TURN2_TEXT)
+    s.create_response(max_output_tokens=30)
+    turn2, _, _ = collect(s)
+    chat = _chat_with(proc, golden, emitted)
+    chat.new_turn("user")
+    chat.add_text(TURN2_TEXT)
+    chat.end_turn()
+    chat.new_turn("assistant")
+    expected = list(model.generate_interleaved(**chat, max_new_tokens=30))
+    assert torch.equal(as_steps(turn2), as_steps(expected))
+
+
+def test_pool_exhaustion_and_reuse(engine):
+    sessions = [engine.open_session() for _ in range(engine.max_sessions)]
+    assert engine.active_sessions == 4
+    with pytest.raises(PoolFullError, match="all 4 session slots are in use"):
+        engine.open_session()
+    sessions[1].close(wait=True)
+    assert engine.active_sessions == 3
+    again = engine.open_session()
+    assert again.slot == 1
+    with pytest.raises(SessionClosedError):
+        sessions[1].add_text("hello")
+
+
+def test_input_errors(engine):
+    s = engine.open_session()
+    with pytest.raises(EmptyInputError):
+        s.commit_audio()
+    with pytest.raises(ValueError, match="sample_rate"):
+        s.append_audio(np.zeros(1600, dtype=np.float32), 1000)
+    with pytest.raises(ValueError, match="float or int16"):
+        s.append_audio(np.zeros(1600, dtype=np.int32), 16_000)
+    small = Engine(engine.model, engine.processor, EngineConfig(max_sessions=1, max_input_seconds=1.0)).start()
+    try:
+        t = small.open_session()
+        t.append_audio(np.zeros(8_000, dtype=np.float32), 8_000)  # 1 s
+        with pytest.raises(InputTooLargeError):
+            t.append_audio(np.zeros(800, dtype=np.int16), 8_000)
+        t.clear_audio()
+        assert t.buffered_audio_seconds == 0
+    finally:
+        small.stop()
+    s.add_text("Hello there.")
+    s.create_response(max_output_tokens=40)
+    with pytest.raises(ResponseInProgressError):
+        s.create_response()
+    collect(s)
+
+
+def test_context_limit_drops_oldest_turns(model, proc, golden):
+    eng = Engine(model, proc, EngineConfig(max_sessions=1, max_context=160)).start()
+    try:
+        s = voice_session(eng, golden, "chat")
+        s.create_response(max_output_tokens=60)
+        collect(s)  # 110 positions in history
+        s.add_text(TURN2_TEXT)
+        s.create_response(max_output_tokens=60)
+        tokens, events, done = collect(s)
+        assert any(isinstance(e, SessionEvent) and e.kind == "history_truncated" for e in events)
+        assert done.stats.reused_positions > 0  # the system prompt prefix was rewound, not recomputed
+        # Same as a fresh conversation of the system prompt and the new user turn.
+        chat = ChatState(proc)
+        chat.new_turn("system")
+        chat.add_text(SYSTEM["chat"])
+        chat.end_turn()
+        chat.new_turn("user")
+        chat.add_text(TURN2_TEXT)
+        chat.end_turn()
+        chat.new_turn("assistant")
+        assert torch.equal(as_steps(tokens), as_steps(list(model.generate_interleaved(**chat, max_new_tokens=60))))
+        # A turn that cannot fit at all fails cleanly and the session goes on.
+        s.add_text("word " * 400)
+        s.create_response()
+        _, _, failed = collect(s)
+        assert failed.status == "incomplete" and failed.reason.startswith("context_limit")
+        s.add_text("Hi")
+        s.create_response(max_output_tokens=5)
+        assert collect(s)[2].status == "incomplete"  # max_output_tokens reached
+    finally:
+        eng.stop()
+
+
+def test_asyncio_consumer(engine):
+    s = engine.open_session(SessionConfig(mode="asr"))
+    s.add_text("Hello")
+
+    async def consume():
+        s.create_response(max_output_tokens=8)
+        while True:
+            ev = await asyncio.wait_for(s.events.aget(), 30)
+            if isinstance(ev, ResponseDone):
+                return ev
+
+    done = asyncio.run(consume())
+    assert done.status in ("completed", "incomplete")
+
+
+def _rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_open_close_does_not_leak(engine):
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            s = engine.open_session()
+            s.add_text("hi")
+            s.close(wait=True)
+        assert engine.active_sessions == 0
+
+    cycle(20)
+    gc.collect()
+    before = _rss_mb()
+    cycle(200)
+    gc.collect()
+    assert _rss_mb() - before < 10.0
