@@ -302,7 +302,8 @@ class LFM2Backbone(nn.Module):
             positions = cache.lengths.view(B, 1) + torch.arange(T, device=x.device)
             end = cache.lengths + (T if valid is None else valid)
             if B and int(end.max()) > cache.max_len:
-                raise ContextFullError(f"context full: {int(end.max())} positions do not fit a cache of {cache.max_len}")
+                need = int(end.max())
+                raise ContextFullError(f"context full: {need} positions do not fit a cache of {cache.max_len}")
             kv_len = min(int(positions.max()) + 1, cache.max_len + 1) if B else 1
             key_pos = torch.arange(kv_len, device=x.device).view(1, 1, 1, kv_len)
             qpos = positions.view(B, 1, T, 1)
