@@ -280,3 +280,21 @@ def test_open_close_does_not_leak(engine):
     cycle(200)
     gc.collect()
     assert _rss_mb() - before < 10.0
+
+
+def test_batched_audio_decode_matches_a_lone_stream(engine, proc, golden):
+    """Two sessions speaking in the same steps: each one's PCM equals its codes streamed alone."""
+    a = voice_session(engine, golden, "chat")
+    b = voice_session(engine, golden, "asr")
+    b.update(SessionConfig(mode="chat", instructions="Speak."))
+    a.create_response(max_output_tokens=30)
+    b.create_response(max_output_tokens=30)
+    detok = proc.audio_detokenizer
+    for s in (a, b):
+        _, events, _ = collect(s)
+        frames = [e for e in events if isinstance(e, AudioFrame) and not e.end_of_audio]
+        assert len(frames) >= 12
+        state = detok.stream_state(1)
+        with torch.inference_mode():
+            alone = [detok.decode_step(torch.tensor([f.codes]), state)[0][0].numpy() for f in frames]
+        np.testing.assert_allclose(np.concatenate([f.pcm for f in frames]), np.concatenate(alone), atol=1e-5)
