@@ -8,7 +8,7 @@ no throw-away random initialisation and peaks close to the weights' size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -73,22 +73,50 @@ def safetensors_path(folder: Path, name: str) -> Path:
     raise CheckpointError(f"{folder}: missing {name}")
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file, read from its header only."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], where: str) -> None:
+def read_converted(
+    path: Path, dtypes: Mapping[str, torch.dtype], device: torch.device, group_bytes: int = 256 << 20
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield each tensor of ``path`` as an owned tensor of ``dtypes[name]`` on ``device``.
+
+    The file is memory-mapped in groups of about ``group_bytes`` and each map is
+    closed before the next is opened, so loading never holds the file and the
+    converted weights at once (float32 from a bf16 file peaks near the weights' size).
+    """
+    names = list(safetensors_shapes(path))
+    i = 0
+    while i < len(names):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            taken = 0
+            while i < len(names) and taken < group_bytes:
+                raw = f.get_tensor(names[i])
+                taken += raw.numel() * raw.element_size()
+                out = raw.to(device=device, dtype=dtypes[names[i]])
+                if out.data_ptr() == raw.data_ptr():
+                    out = out.clone()  # do not keep a view into the map
+                yield names[i], out
+                del raw
+                i += 1
+
+
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], where: str
+) -> None:
     """Raise CheckpointError listing missing, unexpected and mis-shaped keys."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshaped = [
-        f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {found[k]}, model {expected[k]}"
         for k in sorted(set(expected) & set(found))
-        if tuple(found[k].shape) != tuple(expected[k].shape)
+        if tuple(found[k]) != tuple(expected[k])
     ]
     if not (missing or unexpected or misshaped):
         return
@@ -100,17 +128,20 @@ def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]
     raise CheckpointError(f"{where} does not match the model: " + "; ".join(parts))
 
 
-def assign_weights(
-    model: nn.Module, weights: Mapping[str, Tensor], *, device: torch.device, dtype: torch.dtype, where: str
-) -> None:
-    """Load ``weights`` into a meta-device ``model`` strictly; floating tensors become ``dtype``."""
+def load_into_meta_model(model: nn.Module, path: Path, *, device: torch.device, dtype: torch.dtype) -> None:
+    """Fill a meta-device ``model`` from safetensors ``path`` strictly; floating tensors become ``dtype``."""
+    where = str(path)
     expected = model.state_dict(keep_vars=True)
-    check_state_dict(expected, weights, where)
-    converted = {}
-    for name, tensor in weights.items():
-        target = dtype if tensor.is_floating_point() else expected[name].dtype
-        converted[name] = tensor.to(device=device, dtype=target)
-    model.load_state_dict(converted, strict=True, assign=True)
+    shapes = safetensors_shapes(path)
+    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, shapes, where)
+    dtypes = {k: dtype if v.is_floating_point() else v.dtype for k, v in expected.items()}
+    for name, tensor in read_converted(path, dtypes, device):
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
     # Non-persistent buffers (RoPE tables, windows) are not in the file: rebuild them where the weights now live.
     for module in model.modules():
         init = getattr(module, "init_buffers", None)
@@ -135,10 +166,9 @@ def load_model(
     config = LFM2AudioConfig.from_file(folder / "config.json")
     dev = default_device(device)
     dt = default_dtype(dev, dtype)
-    weights = read_safetensors(safetensors_path(folder, MODEL_FILE))
+    path = safetensors_path(folder, MODEL_FILE)
     with torch.device("meta"):
         model = LFM2AudioModel(config)
-    assign_weights(model, weights, device=dev, dtype=dt, where=str(folder / MODEL_FILE))
+    load_into_meta_model(model, path, device=dev, dtype=dt)
     model.retie()
-    del weights
     return model.eval()
