@@ -102,7 +102,7 @@ class LFM2AudioProcessor:
                 f"model {self.name} has no Mimi weights ({MIMI_FILE}); use {type(self).__name__}.decode instead"
             )
         if self._mimi is None:
-            from lfm2audio.codec.mimi import MimiConfig, load_mimi
+            from lfm2audio.codec import MimiConfig, load_mimi
 
             config = MimiConfig.from_json(self.mimi_config_path) if self.mimi_config_path else None
             self._mimi = load_mimi(self.mimi_path, config=config, device=self.device)

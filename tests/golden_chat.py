@@ -1,4 +1,4 @@
-"""Build the golden ChatStates exactly as the golden generator did (the liquid-audio README recipe)."""
+"""Golden-data helpers: tolerance checks, and ChatStates built exactly as the golden generator did."""
 
 from __future__ import annotations
 
@@ -39,3 +39,22 @@ def as_steps(tokens: list[torch.Tensor]) -> torch.Tensor:
         row[: t.numel()] = t.reshape(-1).cpu()
         rows.append(row)
     return torch.stack(rows) if rows else torch.empty((0, 8), dtype=torch.long)
+
+
+def assert_close_golden(actual: torch.Tensor, name: str, golden: dict, index: dict) -> None:
+    """Compare with golden tensor ``name`` under the tolerance index.json gives it."""
+    expected = golden[name]
+    tol = index["tensors"][name]["tolerance"]
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    if tol == "exact":
+        assert actual.dtype == expected.dtype or not expected.is_floating_point(), f"{name}: dtype {actual.dtype}"
+        assert torch.equal(actual.to(expected.dtype), expected), f"{name}: not exactly equal"
+        return
+    a = actual.detach().to(torch.float64)
+    e = expected.to(torch.float64)
+    err = (a - e).abs()
+    bound = tol["atol"] + tol["rtol"] * e.abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{name}: max abs err {err.max().item():.3e} exceeds atol {tol['atol']} (+rtol)"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close_golden
+from golden_chat import assert_close_golden
 from safetensors.torch import load_file
 
 from lfm2audio.config import EncoderConfig, LFM2AudioConfig, parse_section

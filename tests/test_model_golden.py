@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_golden
-from golden_chat import INPUT_NAMES, TURN2_TEXT, as_steps, build_state
+from golden_chat import INPUT_NAMES, TURN2_TEXT, as_steps, assert_close_golden, build_state
 
 from lfm2audio import LFM2AudioModel, LFM2AudioProcessor, LFMModality
 

@@ -1,0 +1,145 @@
+"""Explicit per-stream streaming state of the Mimi codec.
+
+A state is a batch of independent streams: every tensor has the batch (row) dimension,
+and ``MimiCodec.decode_step`` / ``encode_step`` advance all rows by one frame, updating
+the tensors in place (nothing is reallocated between frames). A server keeps one state
+for all its sessions and
+
+* ``reset_rows(rows)`` when a row starts a new stream (or its stream is reset),
+* ``select(rows)`` to drop finished rows (compaction) or reorder them,
+* ``MimiDecoderState.cat([...])`` to add rows (e.g. ``codec.decoder_state(1)``),
+* ``assign_rows(rows, sub)`` to write back rows stepped in a sub-batch (``sub = select(rows)``)
+  when only some streams have a frame this step,
+* ``clone()`` to keep a copy (steps mutate the state they are given).
+
+``select``/``cat``/``assign_rows`` copy whole rows, KV windows included (about 8 MB per row
+for the official Mimi decoder): prefer one long-lived batch and ``reset_rows``.
+
+``rows`` is a bool mask of length ``batch_size``, a list/tensor of indices or one index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .mimi_transformer import KVWindow, RowSelector, rows_to_index
+
+
+def _zero_rows(tensors: list[Tensor], idx: Tensor) -> None:
+    for t in tensors:
+        t.index_fill_(0, idx, 0.0)
+
+
+@dataclass
+class MimiDecoderState:
+    """Decoder streaming state: upsampler partial outputs, decoder transformer KV window and
+    the SEANet decoder's conv tails / transposed-conv partial outputs (traversal order)."""
+
+    upsample: Tensor
+    transformer: KVWindow
+    decoder: list[Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.upsample.shape[0]
+
+    def _tensors(self) -> list[Tensor]:
+        return [self.upsample, *self.decoder]
+
+    def reset_rows(self, rows: RowSelector) -> MimiDecoderState:
+        """Restart the given rows from silence; other rows are untouched. Returns ``self``."""
+        idx = rows_to_index(rows, self.batch_size, self.upsample.device)
+        _zero_rows(self._tensors(), idx)
+        self.transformer.reset_rows(idx)
+        return self
+
+    def select(self, rows: RowSelector) -> MimiDecoderState:
+        """A new state holding only ``rows`` (in that order)."""
+        idx = rows_to_index(rows, self.batch_size, self.upsample.device)
+        return MimiDecoderState(
+            self.upsample.index_select(0, idx),
+            self.transformer.select(idx),
+            [t.index_select(0, idx) for t in self.decoder],
+        )
+
+    def assign_rows(self, rows: RowSelector, other: MimiDecoderState) -> MimiDecoderState:
+        """Overwrite ``rows`` with the rows of ``other`` (in order), in place. Returns ``self``."""
+        idx = rows_to_index(rows, self.batch_size, self.upsample.device)
+        for dst, src in zip(self._tensors(), other._tensors(), strict=True):
+            dst.index_copy_(0, idx, src)
+        self.transformer.assign_rows(idx, other.transformer)
+        return self
+
+    def clone(self) -> MimiDecoderState:
+        return MimiDecoderState(self.upsample.clone(), self.transformer.clone(), [t.clone() for t in self.decoder])
+
+    @staticmethod
+    def cat(states: list[MimiDecoderState]) -> MimiDecoderState:
+        """Concatenate the rows of several states (same codec, device and dtype)."""
+        return MimiDecoderState(
+            torch.cat([s.upsample for s in states]),
+            KVWindow.cat([s.transformer for s in states]),
+            [torch.cat(ts) for ts in zip(*(s.decoder for s in states), strict=True)],
+        )
+
+
+@dataclass
+class MimiEncoderState:
+    """Encoder streaming state: SEANet encoder conv tails, encoder transformer KV window,
+    the downsampler's input tail and ``first`` (B,) bool, true for rows that have not yet
+    received audio (the downsampler pads a stream's start with its first latent step)."""
+
+    encoder: list[Tensor]
+    transformer: KVWindow
+    downsample: Tensor
+    first: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.first.shape[0]
+
+    def _tensors(self) -> list[Tensor]:
+        return [*self.encoder, self.downsample]
+
+    def reset_rows(self, rows: RowSelector) -> MimiEncoderState:
+        """Restart the given rows; other rows are untouched. Returns ``self``."""
+        idx = rows_to_index(rows, self.batch_size, self.first.device)
+        _zero_rows(self._tensors(), idx)
+        self.first.index_fill_(0, idx, True)
+        self.transformer.reset_rows(idx)
+        return self
+
+    def select(self, rows: RowSelector) -> MimiEncoderState:
+        idx = rows_to_index(rows, self.batch_size, self.first.device)
+        return MimiEncoderState(
+            [t.index_select(0, idx) for t in self.encoder],
+            self.transformer.select(idx),
+            self.downsample.index_select(0, idx),
+            self.first.index_select(0, idx),
+        )
+
+    def assign_rows(self, rows: RowSelector, other: MimiEncoderState) -> MimiEncoderState:
+        """Overwrite ``rows`` with the rows of ``other`` (in order), in place. Returns ``self``."""
+        idx = rows_to_index(rows, self.batch_size, self.first.device)
+        for dst, src in zip(self._tensors(), other._tensors(), strict=True):
+            dst.index_copy_(0, idx, src)
+        self.first.index_copy_(0, idx, other.first)
+        self.transformer.assign_rows(idx, other.transformer)
+        return self
+
+    def clone(self) -> MimiEncoderState:
+        return MimiEncoderState(
+            [t.clone() for t in self.encoder], self.transformer.clone(), self.downsample.clone(), self.first.clone()
+        )
+
+    @staticmethod
+    def cat(states: list[MimiEncoderState]) -> MimiEncoderState:
+        return MimiEncoderState(
+            [torch.cat(ts) for ts in zip(*(s.encoder for s in states), strict=True)],
+            KVWindow.cat([s.transformer for s in states]),
+            torch.cat([s.downsample for s in states]),
+            torch.cat([s.first for s in states]),
+        )
