@@ -122,7 +122,7 @@ def run_batch(engine: Engine, n: int, tokens: int) -> dict:
 
 
 def arrival_ttfa(engine: Engine, background: int, trials: int, tokens: int) -> dict:
-    """TTFA of a session that arrives while ``background`` sessions are generating."""
+    """Commit-to-first-audio of a session that arrives (3 s of speech) while ``background`` sessions speak."""
     others = [engine.open_session(SessionConfig(mode="chat", max_output_tokens=10_000)) for _ in range(background)]
     for s in others:
         s.add_text("Keep talking.")
@@ -130,7 +130,9 @@ def arrival_ttfa(engine: Engine, background: int, trials: int, tokens: int) -> d
     ttfa = []
     for _ in range(trials):
         s = engine.open_session(SessionConfig(mode="chat", max_output_tokens=tokens))
-        s.add_text("Hello there, how are you?")
+        # 3 s of microphone audio, committed: TTFA here is commit-to-first-audio (features, encoder, prefill).
+        s.append_audio((0.1 * torch.randn(48_000)).numpy(), 16_000)
+        s.commit_audio()
         s.create_response()
         while not isinstance(ev := s.events.get(timeout=600), ResponseDone):
             pass
