@@ -365,8 +365,9 @@ class Engine:
         self._prefill_queue.append(st)
 
     def _emit_failed(self, session: Session, response_id: str, status: str, reason: str) -> None:
-        session.events.put(ResponseDone(response_id, status, reason, ""))  # type: ignore[arg-type]
+        # Idle before the event is visible, so a create_response right after ResponseDone is accepted.
         session._response_finished()
+        session.events.put(ResponseDone(response_id, status, reason, ""))  # type: ignore[arg-type]
 
     def _step(self) -> bool:
         model = self.model
@@ -471,8 +472,7 @@ class Engine:
             if resp.decoder.finished:
                 self._finish(st, "completed", "end_of_turn")
             elif resp.steps >= resp.max_tokens:
-                self._finish(st, "incomplete" if resp.steps < resp.config.max_output_tokens else "completed",
-                             "max_output_tokens")  # fmt: skip
+                self._finish(st, "incomplete", "max_output_tokens")
 
     def _on_text(self, st: _Slot, token: int) -> None:
         resp = st.response
@@ -537,8 +537,8 @@ class Engine:
         if tail:
             resp.text.append(tail)
         st.response = None
-        st.session.events.put(ResponseDone(resp.id, status, reason, "".join(resp.text), stats))  # type: ignore[arg-type]
         st.session._response_finished()
+        st.session.events.put(ResponseDone(resp.id, status, reason, "".join(resp.text), stats))  # type: ignore[arg-type]
 
     def _fail_all(self, message: str) -> None:
         for st in self._slots:

@@ -1,0 +1,321 @@
+"""The FastAPI app: /v1/realtime (WebSocket), /health, /ready, /metrics, and the web client at /."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+
+from lfm2audio_server import protocol as P
+from lfm2audio_server.auth import Authenticator, find_key, offered_subprotocols, select_subprotocol
+from lfm2audio_server.config import ServerConfig
+from lfm2audio_server.logging import session_id_var
+from lfm2audio_server.metrics import Metrics
+from lfm2audio_server.protocol import ProtocolError
+from lfm2audio_server.realtime import RealtimeConnection
+
+log = logging.getLogger("lfm2audio_server")
+
+# /ready is public: load balancers and orchestrators probe it without keys (its body shows details
+# only to authenticated callers).
+PUBLIC_PATHS = {"/health", "/ready"}
+
+# Close codes (see docs/protocol.md).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # server shutting down
+CLOSE_POLICY = 1008  # auth, origin, limits
+CLOSE_TRY_AGAIN = 1013  # session limit reached, model not ready
+
+
+def default_engine_factory(config: ServerConfig) -> Any:
+    import torch
+
+    from lfm2audio_server.engine_api import Engine, EngineConfig
+
+    dtype = None if config.dtype is None else getattr(torch, config.dtype)
+    return Engine.from_pretrained(
+        config.model,
+        device=config.device,
+        dtype=dtype,
+        config=EngineConfig(
+            max_sessions=config.max_sessions,
+            max_context=config.max_context,
+            prefill_chunk=config.prefill_chunk,
+            audio_decoder=config.audio_decoder,  # type: ignore[arg-type]
+            max_input_seconds=config.max_input_audio_s,
+        ),
+    )
+
+
+class ServerState:
+    """What the app shares between connections."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.auth = Authenticator(config.api_keys)
+        self.engine: Any = None
+        self.owns_engine = False
+        self.ready = False
+        self.load_error: str | None = None
+        self.draining = False
+        self.connections: set[RealtimeConnection] = set()
+        self.model_name = Path(config.model).name if Path(config.model).exists() else config.model
+        self._drained: asyncio.Event | None = None
+        self._hurry = False
+
+    def hurry(self) -> None:
+        """Cut a drain's grace period short (a second signal)."""
+        self._hurry = True
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready else 0)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful shutdown: refuse new sessions, let in-flight responses finish within ``grace``
+        seconds, cancel the rest, then close every socket with 1001."""
+        if self._drained is not None:
+            await self._drained.wait()
+            return
+        self._drained = asyncio.Event()
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        self.draining = True
+        self.set_ready(False)
+        log.info("draining: %d sessions, grace %.1f s", len(self.connections), grace)
+        deadline = time.monotonic() + grace
+        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+            if self._hurry:
+                break
+            await asyncio.sleep(0.05)
+        for c in list(self.connections):
+            c._cancel("server_shutdown")
+        deadline = time.monotonic() + 2.0
+        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for c in list(self.connections):
+            c.close(
+                CLOSE_GOING_AWAY,
+                "server_shutdown",
+                ProtocolError("server_shutting_down", "the server is shutting down", type="server_error"),
+            )
+        deadline = time.monotonic() + 3.0
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        log.info("drained; %d sessions left", len(self.connections))
+        self._drained.set()
+
+
+def create_app(
+    config: ServerConfig | None = None,
+    *,
+    engine: Any = None,
+    engine_factory: Callable[[ServerConfig], Any] | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The server app. With ``engine`` (already started) the app uses it and leaves it running at
+    shutdown; otherwise it builds one with ``engine_factory`` (default: ``Engine.from_pretrained``)
+    in the background, starts and warms it up, and /ready says so."""
+    config = config or ServerConfig()
+    state = ServerState(config, metrics or Metrics())
+
+    async def load() -> None:
+        try:
+            eng = await asyncio.to_thread((engine_factory or default_engine_factory), config)
+            await asyncio.to_thread(eng.start)
+            state.engine, state.owns_engine = eng, True
+            if config.warmup:
+                await asyncio.to_thread(eng.warmup)
+            state.set_ready(True)
+            log.info("model ready", extra={"model": config.model})
+        except Exception as e:
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.exception("model failed to load")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = None
+        if engine is not None:
+            engine.start()
+            state.engine = engine
+            state.set_ready(True)
+        else:
+            loader = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            await state.drain()
+            if loader is not None and not loader.done():
+                loader.cancel()
+            if state.owns_engine and state.engine is not None:
+                await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(title="lfm2audio-server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    if config.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["GET"],
+            allow_headers=["Authorization", "api-key"],
+        )
+
+    static_dir = config.resolved_static_dir()
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        path = request.url.path
+        public = path in PUBLIC_PATHS or (static_dir is not None and path != "/metrics")
+        if state.auth.enabled and not public:
+            key = find_key(request.headers, request.query_params)
+            if not state.auth.check(key):
+                state.metrics.errors.labels("invalid_api_key").inc()
+                return JSONResponse(
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "invalid_api_key",
+                            "message": "missing or invalid API key",
+                            "param": None,
+                        }
+                    },
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        body: dict[str, Any] = {"ready": state.ready, "draining": state.draining}
+        if state.auth.check(find_key(request.headers, request.query_params)):
+            body.update(model=config.model, sessions=len(state.connections), max_sessions=config.max_sessions)
+            if state.load_error:
+                body["error"] = state.load_error
+        return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket) -> None:
+        await handle_realtime(ws, state)
+
+    if static_dir is not None:
+        from starlette.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=str(static_dir), html=True), name="web")
+
+    return app
+
+
+async def _refuse(ws: WebSocket, subprotocol: str | None, state: ServerState, code: int, err: ProtocolError) -> None:
+    """A client-side problem (key, origin): accept only to say why, then close with ``code``.
+    Browsers see neither the status nor the body of a refused handshake, but they do see a close reason."""
+    _count_refusal(state, err)
+    try:
+        await ws.accept(subprotocol=subprotocol)
+        await ws.send_json(P.error_event(err))
+        await ws.close(code, err.code)
+    except Exception:
+        pass
+
+
+async def _unavailable(
+    ws: WebSocket, subprotocol: str | None, state: ServerState, code: int, err: ProtocolError
+) -> None:
+    """A server-side condition (draining, loading, full): answer the upgrade request with HTTP 503, a JSON
+    error body and Retry-After, so that a load balancer retries another replica (nginx/ingress
+    ``proxy_next_upstream http_503``). Without the ASGI denial-response extension: accept, send the error
+    event, close with ``code``."""
+    _count_refusal(state, err)
+    body = {"error": {"type": err.type, "code": err.code, "message": err.message, "param": None}}
+    try:
+        await ws.send_denial_response(JSONResponse(body, status_code=503, headers={"Retry-After": "1"}))
+        return
+    except RuntimeError:
+        pass
+    try:
+        await ws.accept(subprotocol=subprotocol)
+        await ws.send_json(P.error_event(err))
+        await ws.close(code, err.code)
+    except Exception:
+        pass
+
+
+def _count_refusal(state: ServerState, err: ProtocolError) -> None:
+    state.metrics.refused.labels(err.code).inc()
+    state.metrics.errors.labels(err.code).inc()
+    log.info("connection refused: %s", err.code, extra={"error_code": err.code})
+
+
+async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
+    cfg = state.config
+    offered = offered_subprotocols(ws.headers)
+    subprotocol = select_subprotocol(offered)
+
+    origin = ws.headers.get("origin")
+    allowed = cfg.allowed_origins
+    if allowed and origin is not None and origin not in allowed and "*" not in allowed:
+        err = ProtocolError("origin_not_allowed", f"origin {origin!r} is not allowed")
+        await _refuse(ws, subprotocol, state, CLOSE_POLICY, err)
+        return
+    if not state.auth.check(find_key(ws.headers, ws.query_params, offered)):
+        err = ProtocolError("invalid_api_key", "missing or invalid API key")
+        await _refuse(ws, subprotocol, state, CLOSE_POLICY, err)
+        return
+    if state.draining:
+        err = ProtocolError("server_shutting_down", "the server is shutting down", type="server_error")
+        await _unavailable(ws, subprotocol, state, CLOSE_GOING_AWAY, err)
+        return
+    if not state.ready or state.engine is None:
+        err = ProtocolError("model_not_ready", "the model is still loading; retry shortly", type="server_error")
+        await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, err)
+        return
+    full = ProtocolError(
+        "session_limit_reached",
+        f"the server is at its limit of {cfg.max_sessions} concurrent sessions; retry later",
+        type="server_error",
+    )
+    if len(state.connections) >= cfg.max_sessions:
+        await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
+        return
+
+    from lfm2audio_server.engine_api import PoolFullError
+
+    try:
+        session = state.engine.open_session()
+    except PoolFullError:
+        await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
+        return
+
+    conn = RealtimeConnection(ws, state, session)
+    state.connections.add(conn)
+    state.metrics.active_sessions.inc()
+    state.metrics.sessions.inc()
+    token = session_id_var.set(session.id)
+    try:
+        try:
+            await ws.accept(subprotocol=subprotocol)
+        except Exception:
+            session.close()
+            return
+        await conn.run()
+    finally:
+        session_id_var.reset(token)
+        state.connections.discard(conn)
+        state.metrics.active_sessions.dec()

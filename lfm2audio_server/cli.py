@@ -1,0 +1,99 @@
+"""``lfm2audio-server``: run the realtime server with uvicorn, draining gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from lfm2audio_server.app import ServerState, create_app
+from lfm2audio_server.config import ConfigError, ServerConfig, load_config
+from lfm2audio_server.logging import configure_logging, uvicorn_log_config
+
+log = logging.getLogger("lfm2audio_server")
+
+
+def uvicorn_config(app: Any, config: ServerConfig, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn settings the server needs (WebSocket size limit, no uvicorn logging setup)."""
+    kwargs: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "ws": "websockets-sansio",
+        "ws_max_size": config.ws_max_size,
+        "ws_ping_interval": 20.0,
+        "ws_ping_timeout": 20.0,
+        "log_config": uvicorn_log_config(),
+        "log_level": config.log_level.lower(),
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 5,
+    }
+    kwargs.update(overrides)
+    return uvicorn.Config(app, **kwargs)
+
+
+class GracefulServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: /ready turns 503, new sessions are refused, in-flight responses get
+    ``shutdown_grace_s`` to finish (then are cancelled), sockets close with 1001; then uvicorn exits.
+    A second signal cuts the grace period short."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._drain_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._drain_task is not None or self._loop is None:
+            self.state.hurry()  # a second signal: no more grace
+            return super().handle_exit(sig, frame)
+        log.info("received %s: draining", signal.Signals(sig).name)
+
+        async def drain() -> None:
+            try:
+                await self.state.drain()
+            finally:
+                self.should_exit = True
+
+        def start() -> None:
+            self._drain_task = self._loop.create_task(drain())
+
+        self._drain_task = asyncio.Future(loop=self._loop)  # placeholder: a second signal goes to uvicorn
+        self._loop.call_soon_threadsafe(start)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as e:
+        print(f"lfm2audio-server: {e}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    app = create_app(config)
+    server = GracefulServer(uvicorn_config(app, config), app.state.server)
+    log.info(
+        "starting",
+        extra={
+            "host": config.host,
+            "port": config.port,
+            "model": config.model,
+            "auth": bool(config.api_keys),
+            "max_sessions": config.max_sessions,
+        },
+    )
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

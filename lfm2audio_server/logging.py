@@ -1,0 +1,58 @@
+"""JSON structured logs, one object per line, carrying the session id of the task that logged."""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as _dt
+import json
+import logging
+import sys
+import traceback
+
+session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("lfm2audio_session_id", default=None)
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        sid = getattr(record, "session_id", None) or session_id_var.get()
+        if sid:
+            out["session_id"] = sid
+        for k, v in vars(record).items():
+            if k not in _STANDARD and k != "session_id" and not k.startswith("_"):
+                out[k] = v if isinstance(v, str | int | float | bool | type(None) | list | dict) else repr(v)
+        if record.exc_info:
+            out["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        return json.dumps(out, ensure_ascii=False, default=repr)
+
+
+def configure_logging(level: str = "info", stream=None) -> None:
+    """Route the root, uvicorn and our loggers through one JSON handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers = []
+        lg.propagate = True
+
+
+def uvicorn_log_config() -> dict:
+    """A uvicorn ``log_config`` that leaves formatting to ``configure_logging``."""
+    return {"version": 1, "disable_existing_loggers": False}
