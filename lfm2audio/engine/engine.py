@@ -89,8 +89,7 @@ class _Response:
     prompt: Tensor  # (N, hidden) embeddings still to prefill
     offset: int = 0
     snapshot_at: int | None = None  # prompt offset where the system turn ends (asr/tts reuse it)
-    next_input: Tensor | None = None  # (hidden,) embedding of the last token, fed next step
-    unfed: Item | None = None
+    next_input: Tensor | None = None  # (hidden,) embedding of the last emitted token, fed next step
     steps: int = 0
     frames: int = 0
     text_tokens: int = 0
@@ -414,8 +413,7 @@ class Engine:
             for st in feeding:
                 resp = st.response
                 resp.next_input = None
-                st.cached_items += 1  # the unfed item is now in the cache
-                resp.unfed = None
+                st.cached_items += 1  # the last emitted item is now in the cache
                 hidden_rows.append((st, h[st.session.slot, 0]))
 
         if not hidden_rows:
@@ -494,7 +492,6 @@ class Engine:
             resp.decoder.finished = True
         if not resp.decoder.finished:
             resp.next_input = self.model.embed_text(torch.tensor(token, device=self.model.device))
-            resp.unfed = item
 
     def _on_audio(self, st: _Slot, frame: Tensor) -> tuple[int, tuple[int, ...]] | None:
         resp = st.response
@@ -506,7 +503,6 @@ class Engine:
         item = Item(LFMModality.AUDIO_OUT, frame.detach().to("cpu", torch.long))
         st.history.turns[-1].items.append(item)
         resp.next_input = self.model.embed_audio_frames(frame)
-        resp.unfed = item
         index = resp.frames
         resp.frames += 1
         if codes[0] == END_OF_AUDIO:
