@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import signal
 import socket
@@ -57,7 +58,7 @@ class GracefulServer(uvicorn.Server):
         if self._drain_task is not None or self._loop is None:
             self.state.hurry()  # a second signal: no more grace
             return super().handle_exit(sig, frame)
-        log.info("received %s: draining", signal.Signals(sig).name)
+        name = signal.Signals(sig).name
 
         async def drain() -> None:
             try:
@@ -66,10 +67,13 @@ class GracefulServer(uvicorn.Server):
                 self.should_exit = True
 
         def start() -> None:
+            log.info("received %s: draining", name)
             self._drain_task = self._loop.create_task(drain())
 
         self._drain_task = asyncio.Future(loop=self._loop)  # placeholder: a second signal goes to uvicorn
-        self._loop.call_soon_threadsafe(start)
+        # A fresh context: the signal may land while a session's task runs, and its session id must not leak
+        # into the drain's log lines.
+        self._loop.call_soon_threadsafe(start, context=contextvars.Context())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,6 +51,18 @@ def configure_logging(level: str = "info", stream=None) -> None:
         lg = logging.getLogger(name)
         lg.handlers = []
         lg.propagate = True
+    logging.getLogger("uvicorn.error").addFilter(_DenialResponseNoise())
+
+
+class _DenialResponseNoise(logging.Filter):
+    """Drop uvicorn's error for WebSockets we refuse with an HTTP 503 (draining, full, loading).
+
+    uvicorn's sans-io WebSocket backend never marks a handshake answered by a denial response as
+    complete and then logs this at error level, which would page someone on every rolling update.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
 
 
 def uvicorn_log_config() -> dict:

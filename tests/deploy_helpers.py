@@ -55,18 +55,21 @@ def render_nginx_conf(
     max_fails: int = 1,
     fail_timeout: str = "10s",
     upstream_block: str | None = None,
+    listen_host: str | None = None,
 ) -> Path:
     """Render the balancer config for ``upstreams`` (``"127.0.0.1:8001"``, ...) into ``prefix``.
 
     Creates ``prefix/nginx.conf``, ``prefix/temp`` and ``prefix/logs`` (access.log; error.log once
     run through :func:`nginx_command`) and returns the config path. ``upstream_block`` replaces the
     generated ``server`` lines verbatim (e.g. the compose file's resolver + resolve variant).
+    ``listen_host`` (e.g. ``"127.0.0.1"``) binds only that address; by default nginx listens on every
+    interface, as the template does in a container.
     """
     prefix = Path(prefix).resolve()
     (prefix / "temp").mkdir(parents=True, exist_ok=True)
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     values = {
-        "NGINX_LISTEN_PORT": str(int(listen_port)),
+        "NGINX_LISTEN_PORT": str(int(listen_port)) if listen_host is None else f"{listen_host}:{int(listen_port)}",
         "NGINX_TEMP_DIR": str(prefix / "temp"),
         "NGINX_ACCESS_LOG": str(prefix / "logs" / "access.log"),
         "NGINX_UPSTREAM_SERVERS": upstream_block
