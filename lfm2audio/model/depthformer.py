@@ -15,22 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lfm2audio.config import DepthformerConfig
-from lfm2audio.model.lfm2 import SwiGLU
+from lfm2audio.model.lfm2 import RMSNorm, SwiGLU
 from lfm2audio.sampling import SamplingParams, sample, sample_rows
-
-
-class RMSNorm(nn.Module):
-    """The reference's own RMSNorm: the weight multiplies before casting back (differs from LFM2's in bf16)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight).to(x.dtype)
 
 
 def swiglu_width(dim: int, multiple_of: int = 256) -> int:
@@ -45,7 +31,7 @@ class CodebookEmbedding(nn.Module):
     def __init__(self, dim: int, vocab: int, eps: float, tie: bool) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab, dim)
-        self.embedding_norm = RMSNorm(dim, eps)
+        self.embedding_norm = RMSNorm(dim, eps, scale_in_float=True)
         self.to_logits = nn.Linear(dim, vocab, bias=False)
         self.tie = tie
         self.retie()
@@ -63,8 +49,8 @@ class BoundedAttention(nn.Module):
 
     def __init__(self, head_dim: int, eps: float) -> None:
         super().__init__()
-        self.q_layernorm = RMSNorm(head_dim, eps)
-        self.k_layernorm = RMSNorm(head_dim, eps)
+        self.q_layernorm = RMSNorm(head_dim, eps, scale_in_float=True)
+        self.k_layernorm = RMSNorm(head_dim, eps, scale_in_float=True)
 
 
 class DepthAttention(nn.Module):
@@ -104,8 +90,8 @@ class DepthBlock(nn.Module):
         super().__init__()
         self.operator = DepthAttention(cfg)
         self.feed_forward = SwiGLU(cfg.dim, swiglu_width(cfg.dim))
-        self.operator_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.operator_norm = RMSNorm(cfg.dim, cfg.norm_eps, scale_in_float=True)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, scale_in_float=True)
 
 
 class Depthformer(nn.Module):

@@ -24,14 +24,24 @@ class ContextFullError(RuntimeError):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """RMS normalisation computed in float32.
+
+    LFM2 (transformers) casts back to the input dtype and then scales; the
+    reference's depthformer scales in float32 and then casts
+    (``scale_in_float``). The two differ only below float32.
+    """
+
+    def __init__(self, dim: int, eps: float, *, scale_in_float: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.scale_in_float = scale_in_float
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_in_float:
+            return (xf * self.weight).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
