@@ -282,19 +282,24 @@ def test_open_close_does_not_leak(engine):
     assert _rss_mb() - before < 10.0
 
 
-def test_batched_audio_decode_matches_a_lone_stream(engine, proc, golden):
-    """Two sessions speaking in the same steps: each one's PCM equals its codes streamed alone."""
-    a = voice_session(engine, golden, "chat")
-    b = voice_session(engine, golden, "asr")
-    b.update(SessionConfig(mode="chat", instructions="Speak."))
-    a.create_response(max_output_tokens=30)
-    b.create_response(max_output_tokens=30)
-    detok = proc.audio_detokenizer
-    for s in (a, b):
-        _, events, _ = collect(s)
-        frames = [e for e in events if isinstance(e, AudioFrame) and not e.end_of_audio]
-        assert len(frames) >= 12
-        state = detok.stream_state(1)
-        with torch.inference_mode():
-            alone = [detok.decode_step(torch.tensor([f.codes]), state)[0][0].numpy() for f in frames]
-        np.testing.assert_allclose(np.concatenate([f.pcm for f in frames]), np.concatenate(alone), atol=1e-5)
+@pytest.mark.parametrize("decoder", ["detokenizer", "mimi"])
+@pytest.mark.parametrize("speakers", [1, 3])
+def test_batched_audio_decode_matches_a_lone_stream(model, proc, golden, decoder, speakers):
+    """Sessions speaking in the same steps (few or most of the slots): each one's PCM equals its codes
+    streamed alone through a fresh decoder, and silent rows do not advance."""
+    eng = Engine(model, proc, EngineConfig(max_sessions=4, audio_decoder=decoder)).start()
+    try:
+        sessions = [voice_session(eng, golden, "chat") for _ in range(speakers)]
+        for s in sessions:
+            s.create_response(max_output_tokens=30)
+        codec = proc.audio_detokenizer if decoder == "detokenizer" else proc.mimi
+        for s in sessions:
+            _, events, _ = collect(s)
+            frames = [e for e in events if isinstance(e, AudioFrame) and not e.end_of_audio]
+            assert len(frames) >= 12
+            state = codec.stream_state(1) if decoder == "detokenizer" else codec.decoder_state(1)
+            with torch.inference_mode():
+                alone = [codec.decode_step(torch.tensor([f.codes]), state)[0].reshape(-1).numpy() for f in frames]
+            np.testing.assert_allclose(np.concatenate([f.pcm for f in frames]), np.concatenate(alone), atol=1e-5)
+    finally:
+        eng.stop()

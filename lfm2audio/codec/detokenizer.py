@@ -144,6 +144,13 @@ class DetokenizerState:
             frames=self.frames[idx],
         )
 
+    def assign_rows(self, rows: Tensor | list[int], other: DetokenizerState) -> DetokenizerState:
+        """Overwrite ``rows`` with the rows of ``other`` (in order), in place. Returns ``self``."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.frames.device)
+        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+            dst.index_copy_(0, idx, src)
+        return self
+
     def clone(self) -> DetokenizerState:
         return self.select(torch.arange(self.batch_size, device=self.frames.device))
 

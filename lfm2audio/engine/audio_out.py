@@ -18,47 +18,43 @@ Decoder = Literal["auto", "mimi", "detokenizer"]
 
 
 class SlotAudioDecoder:
-    """One streaming decoder state per slot; ``decode`` runs the given slots' frames."""
+    """One batched streaming state whose row ``slot`` belongs to that slot's session."""
 
     def __init__(self, codec: Any, kind: str, slots: int) -> None:
         self.codec = codec
         self.kind = kind
-        self.states: list[Any] = [self._new_state() for _ in range(slots)]
-
-    def _new_state(self) -> Any:
-        if self.kind == "mimi":
-            return self.codec.decoder_state(1)
-        return self.codec.stream_state(1)
+        self.slots = slots
+        self.state = codec.decoder_state(slots) if kind == "mimi" else codec.stream_state(slots)
 
     def reset(self, slot: int) -> None:
-        self.states[slot] = self._new_state()
+        self.state.reset_rows([slot])
 
     @torch.inference_mode()
     def decode(self, slots: list[int], codes: Tensor) -> Tensor:
-        """PCM (len(slots), 1920) float32 for frames ``codes`` (len(slots), 8), one batched step."""
-        codes = codes.clamp(0, 2047)
-        if len(slots) == 1:
-            pcm, self.states[slots[0]] = self.codec.decode_step(codes, self.states[slots[0]])
-        else:
-            # Rows are gathered into one batch and split back: the codec's step costs far less per row batched.
-            batch = self._cat([self.states[s] for s in slots])
-            pcm, batch = self.codec.decode_step(codes, batch)
-            for j, slot in enumerate(slots):
-                self.states[slot] = batch.select([j])
-        return pcm.reshape(len(slots), -1)[:, :SAMPLES_PER_FRAME].float()
+        """PCM (len(slots), 1920) float32 for frames ``codes`` (len(slots), 8), one batched step.
 
-    def _cat(self, states: list[Any]) -> Any:
-        if self.kind == "mimi":
-            return type(states[0]).cat(states)
-        first = states[0]
-        return type(first)(
-            **{
-                name: [torch.cat(ts) for ts in zip(*(getattr(s, name) for s in states), strict=True)]
-                if isinstance(getattr(first, name), list)
-                else torch.cat([getattr(s, name) for s in states])
-                for name in ("keys", "values", "conv", "ola", "env", "frames")
-            }
-        )
+        Rows without a frame must not advance. When most rows speak, every row is
+        stepped and the silent ones are put back from a copy; otherwise the
+        speaking rows are stepped on their own and written back. Either way the
+        copies are of the fewer rows.
+        """
+        codes = codes.clamp(0, 2047)
+        n = self.slots
+        idx = torch.tensor(slots, dtype=torch.long, device=codes.device)
+        if 2 * len(slots) >= n:
+            idle = sorted(set(range(n)) - set(slots))
+            saved = self.state.select(idle) if idle else None
+            full = torch.zeros((n, codes.shape[1]), dtype=codes.dtype, device=codes.device)
+            full[idx] = codes
+            pcm, _ = self.codec.decode_step(full, self.state)
+            if saved is not None:
+                self.state.assign_rows(idle, saved)
+            pcm = pcm.reshape(n, -1)[idx]
+        else:
+            sub = self.state.select(slots)
+            pcm, sub = self.codec.decode_step(codes, sub)
+            self.state.assign_rows(slots, sub)
+        return pcm.reshape(len(slots), -1)[:, :SAMPLES_PER_FRAME].float()
 
 
 def make_audio_decoder(processor: Any, choice: Decoder, slots: int) -> SlotAudioDecoder:
