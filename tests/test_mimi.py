@@ -356,3 +356,16 @@ def test_codebook_cache_follows_weights(codec: MimiCodec, golden: dict) -> None:
         with torch.no_grad():
             book.embedding_sum.copy_(saved)
     close(codec.decode_latent(codes), before)
+
+
+def test_loads_and_decodes_inside_inference_mode(checkpoint_dir, golden):
+    """A codec first loaded under torch.inference_mode (as a server does) still decodes."""
+    from lfm2audio.codec import MimiConfig, load_mimi
+
+    with torch.inference_mode():
+        codec = load_mimi(
+            checkpoint_dir / "tokenizer-e351c8d8-checkpoint125.safetensors",
+            config=MimiConfig.from_json(checkpoint_dir / "mimi_config.json"),
+        )
+        wave = codec.decode(golden["mimi.decode.codes"])
+    torch.testing.assert_close(wave, golden["mimi.decode.wave"], atol=1e-5, rtol=1e-4)

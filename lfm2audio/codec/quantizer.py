@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mimi_config import QuantizerConfig
+from .seanet import tensor_identity
 
 _EPSILON = 1e-5
 
@@ -92,7 +93,7 @@ class SplitResidualVQ(nn.Module):
         # Identity, storage and version of every statistic: detects load_state_dict (in place
         # or assign), .to() and manual edits, so the cache is never stale. The cache holds the
         # tensors, so their storage cannot be freed and reused under the same pointer.
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in src)
+        key = tuple(tensor_identity(t) for t in src)
         fresh = len(src) == len(self._table_src) and all(a is b for a, b in zip(src, self._table_src, strict=True))
         if self._table is None or not fresh or self._table_key != key:
             with torch.no_grad():

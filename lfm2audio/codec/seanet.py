@@ -42,6 +42,15 @@ from .mimi_config import SEANetConfig
 _DERIVE_MAX = 1 << 21
 
 
+def tensor_identity(t: Tensor) -> tuple:
+    """Storage, in-place version, device and dtype of ``t``: changes whenever its values may have.
+
+    Inference tensors (created under torch.inference_mode) have no version counter, and cannot be
+    modified in place outside it, so their storage alone identifies them.
+    """
+    return (t.data_ptr(), -1 if t.is_inference() else t._version, t.device, t.dtype)
+
+
 class _Wrap(nn.Module):
     """One empty level of nesting, present only so parameter names match the official checkpoint."""
 
@@ -62,7 +71,7 @@ class _Derived:
         self.value: Tensor | None = None
 
     def get(self, p: Tensor) -> Tensor:
-        key = (p.data_ptr(), p._version, p.device, p.dtype)
+        key = tensor_identity(p)
         if self.value is None or self.src is not p or self.key != key:
             self.value = self.fn(p.detach())
             self.src, self.key = p, key
