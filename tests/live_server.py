@@ -1,0 +1,107 @@
+"""Helpers of the client and browser tests: a real server (uvicorn in a thread) on 127.0.0.1 and real speech.
+
+The server runs the real engine on the tiny golden checkpoint; speech comes from espeak-ng
+(``apt-get install espeak-ng``), which these tests require rather than skip without.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TIMEOUT = 60.0
+
+
+class LiveServer:
+    """``lfm2audio_server``'s app served by uvicorn in a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, engine: Any, **overrides: Any) -> None:
+        import uvicorn
+
+        from lfm2audio_server.app import create_app
+        from lfm2audio_server.cli import uvicorn_config
+        from lfm2audio_server.config import ServerConfig
+
+        config = ServerConfig(model="golden-tiny", **overrides)
+        self.app = create_app(config, engine=engine)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(
+            uvicorn_config(self.app, config, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+        self.sock.close()
+
+
+def start_engine(checkpoint: Path, *, max_sessions: int = 4) -> Any:
+    from lfm2audio.engine import Engine, EngineConfig
+
+    engine = Engine.from_pretrained(checkpoint, config=EngineConfig(max_sessions=max_sessions, max_context=2048))
+    engine.start()
+    engine.warmup()
+    return engine
+
+
+def tts_checkpoint(checkpoint_dir: Path, checkpoint_tts_dir: Path, folder: Path) -> Path:
+    """checkpoint/ with checkpoint_tts/'s weights: its greedy TTS stream produces audio frames."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in checkpoint_dir.iterdir():
+        if p.name not in ("model.safetensors", "config.json"):
+            (folder / p.name).symlink_to(p)
+    for name in ("model.safetensors", "config.json"):
+        (folder / name).symlink_to(checkpoint_tts_dir / name)
+    return folder
+
+
+def espeak(text: str, path: Path, *, lead_s: float = 0.0, tail_s: float = 0.0, rate: int | None = None) -> Path:
+    """``text`` spoken by espeak-ng into a 16-bit mono WAV at ``path``, with silence before and after.
+
+    ``rate`` resamples (soxr) to that rate; the default keeps espeak-ng's 22050 Hz.
+    """
+    from lfm2audio.client.audio import read_wav, resample, to_mono, write_wav
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng is required by these tests: apt-get install -y espeak-ng")
+    raw = path.with_suffix(".espeak.wav")
+    subprocess.run([exe, "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
+    samples, sr = read_wav(raw)
+    raw.unlink()
+    x = to_mono(samples)
+    if rate is not None and rate != sr:
+        x, sr = resample(x, sr, rate), rate
+    x = np.concatenate([np.zeros(int(lead_s * sr), np.float32), x, np.zeros(int(tail_s * sr), np.float32)])
+    write_wav(path, x, sr)
+    return path
