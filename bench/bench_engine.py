@@ -182,6 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--sessions", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=36, help="max output tokens per session (6 text + 12 audio cycles)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
@@ -191,7 +192,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"
         make_checkpoint(folder, args.quick)
-        engine = Engine.from_pretrained(folder, device="cpu", dtype=torch.float32,
+        engine = Engine.from_pretrained(folder, device="cpu", dtype=getattr(torch, args.dtype),
                                         config=EngineConfig(max_sessions=max(counts) + 1, max_context=1024,
                                                             prefill_chunk=64)).start()  # fmt: skip
         engine.warmup()
@@ -200,6 +201,7 @@ def main() -> None:
         stall = prefill_stall(engine, prompt_words=400 if not args.quick else 200)
         engine.stop()
     one = rows[0]["frames_per_s"]
+    print(f"engine bench, {args.dtype}, {args.threads} threads{' (quick)' if args.quick else ''}")
     print(f"{'sessions':>8} {'frames/s':>9} {'x of 1':>7} {'steps/s':>8} {'RTF':>6} {'wall s':>7}")
     for r in rows:
         rtf = f"{r['rtf_mean']:.2f}" if r["rtf_mean"] else "-"
@@ -212,8 +214,8 @@ def main() -> None:
           f"{during:.0f} ms while a {stall['prompt_positions']}-token prompt prefills")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"batches": rows, "arrival": arrival, "prefill_stall": stall,
-                               "threads": args.threads, "quick": args.quick}, indent=2))  # fmt: skip
+    meta = {"threads": args.threads, "quick": args.quick, "dtype": args.dtype}
+    out.write_text(json.dumps({"batches": rows, "arrival": arrival, "prefill_stall": stall, **meta}, indent=2))
     print(f"wrote {out}")
 
 

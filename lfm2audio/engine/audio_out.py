@@ -33,28 +33,48 @@ class SlotAudioDecoder:
     def decode(self, slots: list[int], codes: Tensor) -> Tensor:
         """PCM (len(slots), 1920) float32 for frames ``codes`` (len(slots), 8), one batched step.
 
-        Rows without a frame must not advance. When most rows speak, every row is
-        stepped and the silent ones are put back from a copy; otherwise the
-        speaking rows are stepped on their own and written back. Either way the
-        copies are of the fewer rows.
+        Rows without a frame must not advance. The step runs on the prefix of rows
+        up to the highest speaking slot (a view: the codecs update their state in
+        place), and the silent rows inside it are put back from a copy; when most
+        of that prefix is silent, the speaking rows are gathered instead. Slots are
+        handed out lowest first, so usually nothing is copied at all.
         """
         codes = codes.clamp(0, 2047)
-        n = self.slots
-        idx = torch.tensor(slots, dtype=torch.long, device=codes.device)
-        if 2 * len(slots) >= n:
-            idle = sorted(set(range(n)) - set(slots))
-            saved = self.state.select(idle) if idle else None
-            full = torch.zeros((n, codes.shape[1]), dtype=codes.dtype, device=codes.device)
+        m = max(slots) + 1
+        idle = sorted(set(range(m)) - set(slots))
+        if len(idle) <= len(slots):
+            view = self._prefix(m)
+            saved = view.select(idle) if idle else None
+            full = torch.zeros((m, codes.shape[1]), dtype=codes.dtype, device=codes.device)
+            idx = torch.tensor(slots, dtype=torch.long, device=codes.device)
             full[idx] = codes
-            pcm, _ = self.codec.decode_step(full, self.state)
+            pcm, _ = self.codec.decode_step(full, view)
             if saved is not None:
-                self.state.assign_rows(idle, saved)
-            pcm = pcm.reshape(n, -1)[idx]
+                view.assign_rows(idle, saved)
+            pcm = pcm.reshape(m, -1)[idx]
         else:
             sub = self.state.select(slots)
             pcm, sub = self.codec.decode_step(codes, sub)
             self.state.assign_rows(slots, sub)
         return pcm.reshape(len(slots), -1)[:, :SAMPLES_PER_FRAME].float()
+
+    def _prefix(self, m: int) -> Any:
+        """Rows [0, m) of the state as views."""
+        st = self.state
+        if m == self.slots:
+            return st
+        if self.kind == "mimi":
+            tr = st.transformer
+            window = type(tr)(tr.keys[:, :m], tr.values[:, :m], tr.positions[:m], tr.offsets[:m])
+            return type(st)(st.upsample[:m], window, [t[:m] for t in st.decoder])
+        return type(st)(
+            keys=[t[:m] for t in st.keys],
+            values=[t[:m] for t in st.values],
+            conv=[t[:m] for t in st.conv],
+            ola=st.ola[:m],
+            env=st.env[:m],
+            frames=st.frames[:m],
+        )
 
 
 def make_audio_decoder(processor: Any, choice: Decoder, slots: int) -> SlotAudioDecoder:
