@@ -110,6 +110,9 @@ def run_batch(engine: Engine, n: int, tokens: int) -> dict:
     wall = time.perf_counter() - start
     for s in sessions:
         s.close(wait=True)
+    failed = [d.reason for d in dones if d.status == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} responses failed: {failed[0]}")
     rtf = [d.stats.real_time_factor for d in dones if d.stats.real_time_factor]
     return {
         "sessions": n,

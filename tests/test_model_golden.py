@@ -107,3 +107,26 @@ def test_two_turn_conversation(proc, model, golden, golden_index, keep_cache):
     if keep_cache:
         # Turn 2 reused the prompt of turn 1 and every generated token but the last, which was never fed.
         assert chat.cache.reused_positions == golden["state.chat.modality_flag"].shape[1] + len(turn1) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 40])
+def test_batched_rows_match_single_rows(checkpoint_dir, golden, dtype, rows):
+    """A decode step for many rows (the engine's batch) gives each row what it gets alone."""
+    m = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=dtype)
+    torch.manual_seed(rows)
+    hidden = torch.randn(rows, m.config.lfm.hidden_size, dtype=dtype)
+    with torch.inference_mode():
+        frames, logits = m.audio_frame_logits(hidden)
+        text = m.text_logits(hidden)
+        cache = m.lfm.new_cache(rows, 8)
+        out, _ = m.lfm(hidden[:, None], cache)
+        for r in range(rows):
+            one, one_logits = m.audio_frame_logits(hidden[r : r + 1])
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+            torch.testing.assert_close(text[r], m.text_logits(hidden[r]), **tol)
+            single, _ = m.lfm(hidden[r : r + 1, None], m.lfm.new_cache(1, 8))
+            torch.testing.assert_close(out[r], single[0], **tol)
+            if dtype == torch.float32:  # in bfloat16 a near-tie may pick another code and the paths part
+                torch.testing.assert_close(logits[r], one_logits[0], **tol)
+                assert torch.equal(frames[r], one[0])

@@ -192,8 +192,9 @@ def _conv_context(cfg: EncoderConfig) -> tuple[int, int]:
         return (k - 1, 0)
     if isinstance(ctx, list | tuple) and len(ctx) == 2 and ctx[0] + ctx[1] + 1 == k:
         return (int(ctx[0]), int(ctx[1]))
-    raise ValueError(f"encoder.conv_context_size: expected null, 'causal' or [left, right] summing to {k - 1}, "
-                     f"got {ctx!r}")
+    raise ValueError(
+        f"encoder.conv_context_size: expected null, 'causal' or [left, right] summing to {k - 1}, got {ctx!r}"
+    )
 
 
 class ConformerEncoder(nn.Module):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lfm2audio.config import DepthformerConfig
 from lfm2audio.model.lfm2 import RMSNorm, SwiGLU
+from lfm2audio.model.linear import Linear
 from lfm2audio.sampling import SamplingParams, sample, sample_rows
 
 
@@ -32,7 +33,7 @@ class CodebookEmbedding(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab, dim)
         self.embedding_norm = RMSNorm(dim, eps, scale_in_float=True)
-        self.to_logits = nn.Linear(dim, vocab, bias=False)
+        self.to_logits = Linear(dim, vocab, bias=False)
         self.tie = tie
         self.retie()
 
@@ -58,8 +59,8 @@ class DepthAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         width = cfg.dim + 2 * self.n_kv * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.dim, width, bias=False)
-        self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.qkv_proj = Linear(cfg.dim, width, bias=False)
+        self.out_proj = Linear(cfg.dim, cfg.dim, bias=False)
         self.bounded_attention = BoundedAttention(self.head_dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:

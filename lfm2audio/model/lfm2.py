@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lfm2audio.config import LFM2Config
+from lfm2audio.model.linear import Linear
 
 
 class ContextFullError(RuntimeError):
@@ -48,9 +49,9 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, ff_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, ff_dim, bias=False)
-        self.w3 = nn.Linear(dim, ff_dim, bias=False)
-        self.w2 = nn.Linear(ff_dim, dim, bias=False)
+        self.w1 = Linear(dim, ff_dim, bias=False)
+        self.w3 = Linear(dim, ff_dim, bias=False)
+        self.w2 = Linear(ff_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -141,9 +142,9 @@ class ShortConv(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.kernel = cfg.conv_L_cache
-        self.in_proj = nn.Linear(d, 3 * d, bias=cfg.conv_bias)
+        self.in_proj = Linear(d, 3 * d, bias=cfg.conv_bias)
         self.conv = nn.Conv1d(d, d, self.kernel, groups=d, bias=cfg.conv_bias, padding=self.kernel - 1)
-        self.out_proj = nn.Linear(d, d, bias=cfg.conv_bias)
+        self.out_proj = Linear(d, d, bias=cfg.conv_bias)
 
     def forward(self, x: Tensor, tail: Tensor | None, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         T = x.shape[1]
@@ -176,10 +177,10 @@ class Attention(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.out_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
 

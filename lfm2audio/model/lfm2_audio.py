@@ -21,6 +21,7 @@ from lfm2audio.model.adapter import AudioAdapter
 from lfm2audio.model.conformer import ConformerEncoder
 from lfm2audio.model.depthformer import CodebookEmbedding, Depthformer, sample_audio_frame
 from lfm2audio.model.lfm2 import LFM2Backbone
+from lfm2audio.model.linear import Linear, linear
 from lfm2audio.sampling import GREEDY, SamplingParams
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class LFM2AudioModel(nn.Module):
         self.register_buffer("codebook_offsets", torch.arange(config.codebooks) * vocab)
         self.register_buffer("audio_loss_weights", _audio_loss_weights(config))
         self.depthformer = Depthformer(config.depthformer, config.codebooks)
-        self.depth_linear = nn.Linear(hidden, config.depthformer.dim * config.codebooks)
+        self.depth_linear = Linear(hidden, config.depthformer.dim * config.codebooks)
         self.depth_embeddings = nn.ModuleList(
             CodebookEmbedding(config.depthformer.dim, vocab, config.depthformer.norm_eps, config.depthformer.tie)
             for _ in range(config.codebooks)
@@ -141,7 +142,7 @@ class LFM2AudioModel(nn.Module):
 
     def text_logits(self, hidden: Tensor) -> Tensor:
         """Tied-embedding logits for backbone states (..., hidden)."""
-        return nn.functional.linear(hidden, self.lfm.embed_tokens.weight)
+        return linear(hidden, self.lfm.embed_tokens.weight)
 
     def sample_audio_frame(
         self,

@@ -1,0 +1,37 @@
+"""Linear layers with a CPU dispatch for few-row inputs (the decode steps of a batch of sessions).
+
+On CPU, torch's ``F.linear`` (x @ W.T) is slow for a handful of rows: on this
+project's 2-core CI machine an 8192x2048 float32 layer takes 3.6 ms for 8 rows
+against 1.2 ms for one, while ``W @ x.T`` takes 2.5 ms; in bfloat16 ``W @ x.T``
+is about twice as fast for 2 to 256 rows. The ranges below are where that was
+measured to win; elsewhere (one row, long prefill chunks, GPUs) ``F.linear`` is used.
+Only the summation order changes, never the parameters or their names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_TRANSPOSED_ROWS = {torch.float32: (8, 48), torch.bfloat16: (2, 256)}
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if x.device.type == "cpu" and x.dim() >= 2:
+        lo, hi = _TRANSPOSED_ROWS.get(x.dtype, (1, 0))
+        rows = x.numel() // x.shape[-1]
+        if lo <= rows <= hi:
+            # Contiguous again: callers view the output (heads, complex pairs).
+            y = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) whose forward uses :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
