@@ -18,16 +18,22 @@ _TRANSPOSED_ROWS = {torch.float32: (8, 48), torch.bfloat16: (2, 256)}
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    if x.device.type == "cpu" and x.dim() >= 2:
-        lo, hi = _TRANSPOSED_ROWS.get(x.dtype, (1, 0))
-        rows = x.numel() // x.shape[-1]
-        if lo <= rows <= hi:
-            # Contiguous again: callers view the output (heads, complex pairs).
-            y = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-            if bias is not None:
-                y = y + bias
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    if x.device.type != "cpu" or x.dim() < 2:
+        return F.linear(x, weight, bias)
+    # Always as (rows, features): a 3-D activation with odd strides (e.g. a transposed conv output of
+    # one position) makes CPU matmul fall back to a batched product that copies the whole weight
+    # (17 ms for a 2048x2048 bfloat16 layer, against 0.5 ms for the product itself).
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    lo, hi = _TRANSPOSED_ROWS.get(x.dtype, (1, 0))
+    if lo <= rows <= hi:
+        # Contiguous again: callers view the output (heads, complex pairs).
+        y = (weight @ x2.t()).t().contiguous()
+        if bias is not None:
+            y = y + bias
+    else:
+        y = F.linear(x2, weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
