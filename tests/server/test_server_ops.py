@@ -43,7 +43,11 @@ def test_health_ready_metrics(server):
             await c.wait_for("error")
 
     run(go())
-    text = http_get(server.http + "/metrics")[1].decode()
+    # The server notices the closed socket and releases the session a moment after the client leaves.
+    deadline = time.monotonic() + 10
+    while "lfm2audio_active_sessions 0.0" not in (text := http_get(server.http + "/metrics")[1].decode()):
+        assert time.monotonic() < deadline, "the closed session is still counted as active"
+        time.sleep(0.05)
     for needle in (
         "lfm2audio_active_sessions 0.0",
         "lfm2audio_ready 1.0",
