@@ -30,6 +30,8 @@ from lfm2audio.sampling import SamplingParams, sample
 
 Mode = Literal["interleaved", "sequential"]
 
+_INPUT_NAMES = ("text", "audio_in", "audio_in_lens", "audio_out", "modality_flag")
+
 # Cache sizes grow in steps of this many positions, so a long chat reallocates rarely.
 CACHE_GROWTH = 256
 
@@ -188,7 +190,6 @@ def _new_embeddings(
     )
 
 
-@torch.inference_mode()
 def generate(
     model: LFM2AudioModel,
     mode: Mode,
@@ -203,31 +204,28 @@ def generate(
     generator: torch.Generator | None = None,
     conversation: ConversationCache | None = None,
 ) -> Iterator[Tensor]:
+    """Validate now (errors surface at the call, not at the first ``next``), then stream."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     check_inputs(model.codebooks, text, audio_in, audio_in_lens, audio_out, modality_flag)
-    return _generate(
-        model, mode, text, audio_in, audio_in_lens, audio_out, modality_flag, max_new_tokens,
+    return _stream(
+        model, mode, (text, audio_in, audio_in_lens, audio_out, modality_flag), max_new_tokens,
         text_params, audio_params, generator, conversation,
     )  # fmt: skip
 
 
-def _generate(
+def _stream(
     model: LFM2AudioModel,
     mode: Mode,
-    text: Tensor,
-    audio_in: Tensor,
-    audio_in_lens: Tensor,
-    audio_out: Tensor,
-    modality_flag: Tensor,
+    inputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
     max_new_tokens: int,
     text_params: SamplingParams,
     audio_params: SamplingParams,
     generator: torch.Generator | None,
     conversation: ConversationCache | None,
 ) -> Iterator[Tensor]:
+    modality_flag = inputs[4]
     conv = conversation if conversation is not None else ConversationCache()
-    inputs = (text, audio_in, audio_in_lens, audio_out, modality_flag)
     with torch.inference_mode():
         if conv.matches_prefix(*inputs):
             conv.reused_positions = len(conv)
@@ -235,10 +233,7 @@ def _generate(
         else:
             conv.clear()
             conv.reused_positions = 0
-            emb = model.embed_inputs(
-                text=text, audio_in=audio_in, audio_in_lens=audio_in_lens, audio_out=audio_out,
-                modality_flag=modality_flag,
-            )  # fmt: skip
+            emb = model.embed_inputs(**dict(zip(_INPUT_NAMES, inputs, strict=True)))
         conv.backbone = ensure_capacity(model, conv.backbone, modality_flag.shape[1] + max_new_tokens)
         conv.record_inputs(*inputs)
         decoder = TurnDecoder(mode, model.config.interleaved_n_text, model.config.interleaved_n_audio)

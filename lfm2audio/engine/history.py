@@ -51,9 +51,6 @@ class History:
     def positions(self) -> int:
         return sum(t.positions for t in self.turns)
 
-    def drop_turn(self, index: int) -> Turn:
-        return self.turns.pop(index)
-
 
 def model_inputs(items: list[Item], codebooks: int, n_mels: int = 128) -> dict[str, Tensor]:
     """The five ChatState tensors for ``items`` (in order)."""
