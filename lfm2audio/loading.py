@@ -16,6 +16,14 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from lfm2audio.config import LFM2AudioConfig
+from lfm2audio.model.quantize import (
+    DEFAULT_GROUP_SIZE,
+    Quantize,
+    check_quantize,
+    quantize_tied_heads,
+    quantized_linear,
+    quantized_module_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +136,37 @@ def check_state_dict(
     raise CheckpointError(f"{where} does not match the model: " + "; ".join(parts))
 
 
-def load_into_meta_model(model: nn.Module, path: Path, *, device: torch.device, dtype: torch.dtype) -> None:
-    """Fill a meta-device ``model`` from safetensors ``path`` strictly; floating tensors become ``dtype``."""
+def load_into_meta_model(
+    model: nn.Module,
+    path: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: Quantize | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> None:
+    """Fill a meta-device ``model`` from safetensors ``path`` strictly; floating tensors become ``dtype``.
+
+    With ``quantize``, the layers of :func:`quantized_module_names` are replaced by quantized ones as
+    their weights arrive (read in float32, quantized, then dropped), one tensor at a time.
+    """
     where = str(path)
     expected = model.state_dict(keep_vars=True)
     shapes = safetensors_shapes(path)
     check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, shapes, where)
     dtypes = {k: dtype if v.is_floating_point() else v.dtype for k, v in expected.items()}
+    to_quantize = set(quantized_module_names(model)) if quantize else set()
+    for owner in to_quantize:
+        dtypes[f"{owner}.weight"] = torch.float32
     for name, tensor in read_converted(path, dtypes, device):
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
+        if owner in to_quantize and attr == "weight":
+            parent, _, child = owner.rpartition(".")
+            new = quantized_linear(tensor, module.bias, quantize, group_size)  # type: ignore[arg-type]
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            del tensor, new
+            continue
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         else:
@@ -158,17 +187,26 @@ def load_model(
     revision: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    quantize: Quantize | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ):
-    """Build an ``LFM2AudioModel`` from a folder or Hub repo in the official layout."""
+    """Build an ``LFM2AudioModel`` from a folder or Hub repo in the official layout.
+
+    ``quantize`` ("int8" or "int4", CPU only) quantizes the backbone's and the audio head's linear
+    layers while loading (see ``lfm2audio.model.quantize``); ``group_size`` is int4's group width.
+    """
     from lfm2audio.model.lfm2_audio import LFM2AudioModel
 
+    dev = default_device(device)
+    check_quantize(quantize, dev)
     folder = resolve_model_dir(repo_id_or_path, revision=revision)
     config = LFM2AudioConfig.from_file(folder / "config.json")
-    dev = default_device(device)
     dt = default_dtype(dev, dtype)
     path = safetensors_path(folder, MODEL_FILE)
     with torch.device("meta"):
         model = LFM2AudioModel(config)
-    load_into_meta_model(model, path, device=dev, dtype=dt)
+    load_into_meta_model(model, path, device=dev, dtype=dt, quantize=quantize, group_size=group_size)
     model.retie()
+    if quantize:
+        quantize_tied_heads(model, quantize, group_size)
     return model.eval()

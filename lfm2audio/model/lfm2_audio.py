@@ -76,11 +76,15 @@ class LFM2AudioModel(nn.Module):
         revision: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        quantize: str | None = None,
     ) -> LFM2AudioModel:
-        """Load a local folder or a Hub repo (official layout, safetensors only)."""
+        """Load a local folder or a Hub repo (official layout, safetensors only).
+
+        ``quantize="int8"`` or ``"int4"`` (CPU only): weight-only quantized backbone and audio head.
+        """
         from lfm2audio.loading import load_model
 
-        return load_model(repo_id_or_path, revision=revision, device=device, dtype=dtype)
+        return load_model(repo_id_or_path, revision=revision, device=device, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
 
     def retie(self) -> None:
         """Re-establish tied weights (loading assigns each checkpoint key its own tensor)."""
