@@ -90,7 +90,8 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: Tensor | None = None) -> None:
         super().__init__()
         if not int4_fits(in_features, out_features, group_size):
-            raise ValueError(f"int4 needs out % 16 == 0 and in % {group_size} == 0, got ({out_features}, {in_features})")
+            shape = (out_features, in_features)
+            raise ValueError(f"int4 needs out % 16 == 0 and in % {group_size} == 0, got {shape}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight", torch.empty((out_features, in_features // 2), dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty((in_features // group_size, out_features, 2), dtype=_ACT))
