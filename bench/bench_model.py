@@ -13,7 +13,15 @@ config (~3 GB), then for each dtype runs a FRESH subprocess (so peak RSS is per 
   to first token with the kept conversation cache versus a full re-prefill of the same state, after
   ``--turn1-tokens`` (20) turn-1 tokens and after as many as give turn 2 the reference's 169 positions;
 - peak RSS at the end (ru_maxrss; the checkpoint is written by its own process so that no worker inherits
-  the writer's peak, which ru_maxrss carries across fork/exec).
+  the writer's peak, which ru_maxrss carries across fork/exec);
+- real-time factor of an interleaved chat turn (``--cycles`` cycles of 6 text tokens + 12 audio frames, each
+  frame decoded by a full-size random-weight streaming Mimi), split into backbone, text head, depthformer
+  and Mimi time; RTF = compute time / audio time, the best cycle and the median;
+- with ``--quantize int8,int4``: the same for each weight-only quantized model (float32 activations), and
+  its quality against float32 on a teacher-forced stream of ``--quality-positions`` positions (the float32
+  model's greedy interleaved stream after the turn-1 prompt, fed to both; see
+  ``lfm2audio.model.quantize_eval``): per-layer and final-logit cosine similarity, relative error, top-1
+  agreement.
 
 Timings are wall-clock on a CPU that may be shared: before each dtype the driver waits (``--max-idle-wait``)
 for other jobs to leave the CPU idle, first-token times are the best of ``--repeats`` runs, and the JSON
@@ -21,8 +29,8 @@ keeps every sample.
 
 Usage (``--quick`` uses a small config and finishes in seconds):
 
-    .venv/bin/python bench/bench_model.py [--dtype float32,bfloat16] [--threads 2] [--workdir DIR]
-                                          [--out bench/results/model.json] [--quick]
+    .venv/bin/python bench/bench_model.py [--dtype float32,bfloat16] [--quantize int8,int4] [--threads 2]
+                                          [--workdir DIR] [--out bench/results/model.json] [--quick]
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ if str(ROOT) not in sys.path:
 
 from lfm2audio import ChatState, ConversationCache, LFM2AudioModel, LFM2AudioProcessor, LFMModality  # noqa: E402
 from lfm2audio.config import LFM2AudioConfig  # noqa: E402
+from lfm2audio.engine.events import OUTPUT_SAMPLE_RATE as MIMI_RATE  # noqa: E402
+from lfm2audio.engine.events import SAMPLES_PER_FRAME  # noqa: E402
+from lfm2audio.model.quantize import QUANTIZE_CHOICES  # noqa: E402
 
 GOLDEN = Path(os.environ.get("LFM2AUDIO_GOLDEN", ROOT.parent / "shared" / "golden"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -267,6 +278,101 @@ def steady_state(model: LFM2AudioModel, chat: ChatState, steps: int, warmup: int
     return {"text_token_ms": stats(text_times), "audio_frame_ms": stats(audio_times), "steps": steps}
 
 
+def random_mimi(seed: int = 0) -> Any:
+    """The full-size Mimi with random weights (as bench_mimi.py builds it), the chat's streaming decoder."""
+    from lfm2audio.codec import MimiCodec, MimiConfig
+
+    torch.manual_seed(seed)
+    codec = MimiCodec(MimiConfig()).eval()
+    with torch.no_grad():
+        for name, buf in codec.named_buffers():
+            if name.endswith("embedding_sum"):
+                buf.normal_()  # non-trivial codebooks (the default statistics give all-zero centroids)
+    return codec
+
+
+@torch.inference_mode()
+def chat_rtf(model: LFM2AudioModel, chat: ChatState, codec: Any, cycles: int) -> dict[str, Any]:
+    """Real-time factor of the interleaved chat pattern with the streaming audio decoder in the loop.
+
+    Each cycle is what ``generate_interleaved`` does for ``interleaved_n_text`` text tokens and
+    ``interleaved_n_audio`` audio frames (greedy; the pattern is kept even when a special token comes
+    up, so every cycle costs the same), plus one Mimi ``decode_step`` per frame. One cycle of warm-up.
+    """
+    cfg = model.config
+    n_text, n_audio = cfg.interleaved_n_text, cfg.interleaved_n_audio
+    emb = model.embed_inputs(**{k: chat[k] for k in INPUT_NAMES})
+    cache = model.lfm.new_cache(1, emb.shape[1] + (cycles + 1) * (n_text + n_audio) + 8)
+    hidden, _ = model.lfm(emb, cache)
+    h = hidden[:, -1]
+    state = codec.decoder_state(1)
+    parts = ("backbone", "text_head", "depthformer", "decoder")
+    samples: list[dict[str, float]] = []
+    for c in range(cycles + 1):
+        spent = dict.fromkeys(parts, 0.0)
+        t_start = time.perf_counter()
+        for i in range(n_text + n_audio):
+            t0 = time.perf_counter()
+            if i < n_text:
+                token = model.text_logits(h).argmax(-1)
+                t1 = time.perf_counter()
+                spent["text_head"] += t1 - t0
+                x = model.embed_text(token)
+            else:
+                frame = model.sample_audio_frame(h)
+                t1 = time.perf_counter()
+                spent["depthformer"] += t1 - t0
+                codec.decode_step(frame.clamp(0, 2047), state)
+                t0 = time.perf_counter()
+                spent["decoder"] += t0 - t1
+                t1 = t0
+                x = model.embed_audio_frames(frame)
+            hidden, _ = model.lfm(x.view(1, 1, -1), cache)
+            h = hidden[:, -1]
+            spent["backbone"] += time.perf_counter() - t1
+        wall = time.perf_counter() - t_start
+        if c > 0:
+            samples.append({"wall_s": wall, **{k: v for k, v in spent.items()}})
+    audio_s = n_audio * SAMPLES_PER_FRAME / MIMI_RATE
+    rtfs = [x["wall_s"] / audio_s for x in samples]
+    best = samples[rtfs.index(min(rtfs))]
+    return {
+        "cycles": cycles,
+        "text_per_cycle": n_text,
+        "frames_per_cycle": n_audio,
+        "audio_s_per_cycle": audio_s,
+        "rtf_min": min(rtfs),
+        "rtf_median": statistics.median(rtfs),
+        "rtf_samples": rtfs,
+        # Breakdown of the best cycle, ms per cycle.
+        "best_cycle_ms": {k: 1e3 * v for k, v in best.items()},
+        "samples": samples,
+    }
+
+
+def quality_prompt_and_stream(model: LFM2AudioModel, chat: ChatState, positions: int) -> tuple[Any, Any]:
+    """Turn-1 prompt embeddings and the float32 model's greedy interleaved stream of ``positions`` entries
+    ((n, 8): a text token in column 0 and -1 elsewhere, or a frame's 8 codes), the pattern kept throughout."""
+    cfg = model.config
+    n_text, n_audio = cfg.interleaved_n_text, cfg.interleaved_n_audio
+    with torch.inference_mode():
+        emb = model.embed_inputs(**{k: chat[k] for k in INPUT_NAMES})
+        cache = model.lfm.new_cache(1, emb.shape[1] + positions + 8)
+        hidden, _ = model.lfm(emb, cache)
+        h = hidden[:, -1]
+        steps = torch.full((positions, 8), -1, dtype=torch.long)
+        for i in range(positions):
+            if i % (n_text + n_audio) < n_text:
+                steps[i, 0] = model.text_logits(h).argmax(-1)[0]
+                x = model.embed_text(steps[i, :1])
+            else:
+                steps[i] = model.sample_audio_frame(h)[0]
+                x = model.embed_audio_frames(steps[i : i + 1])
+            hidden, _ = model.lfm(x.view(1, 1, -1), cache)
+            h = hidden[:, -1]
+    return emb, steps
+
+
 def turn2_suffix_positions(processor: LFM2AudioProcessor) -> int:
     """Positions that closing turn 1 and adding the README's user text turn 2 append."""
     chat = ChatState(processor, keep_cache=False)
@@ -327,14 +433,37 @@ def time_turn2(
     }
 
 
+def quality(model: LFM2AudioModel, chat: ChatState, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Unquantized: write the teacher-forced reference; quantized: compare against it."""
+    from safetensors.torch import load_file, save_file
+
+    from lfm2audio.model.quantize_eval import compare, teacher_forced
+
+    ref_file: Path = args.quality_ref
+    if args.worker_quantize is None:
+        emb, steps = quality_prompt_and_stream(model, chat, args.quality_positions)
+        out = teacher_forced(model, emb, steps)
+        save_file({"prompt": emb.contiguous(), "steps": steps, **out}, str(ref_file))
+        return None
+    ref = load_file(str(ref_file))
+    steps = ref.pop("steps")
+    prompt = ref.pop("prompt")
+    return compare(teacher_forced(model, prompt, steps), ref, steps)
+
+
 def run_worker(folder: Path, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     dtype = DTYPES[dtype_name]
-    res: dict[str, Any] = {"dtype": dtype_name, "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
+    res: dict[str, Any] = {
+        "dtype": dtype_name,
+        "quantize": args.worker_quantize,
+        "threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg(),
+    }
     res["rss_before_load_gb"] = peak_rss_gb()
 
     t0 = time.perf_counter()
-    model = LFM2AudioModel.from_pretrained(folder, device="cpu", dtype=dtype)
+    model = LFM2AudioModel.from_pretrained(folder, device="cpu", dtype=dtype, quantize=args.worker_quantize)
     res["load_model_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     processor = LFM2AudioProcessor.from_pretrained(folder, device="cpu")
@@ -378,6 +507,12 @@ def run_worker(folder: Path, dtype_name: str, args: argparse.Namespace) -> dict[
         n = min(n, len(tokens))
         inputs = turn2_inputs(processor, prompt, tokens[:n])
         res["turn2"][label] = time_turn2(model, inputs, snapshots[n], n, args.repeats)
+    del snapshots
+
+    chat = turn1_state(processor, wave, keep_cache=False)
+    res["chat_rtf"] = chat_rtf(model, chat, random_mimi(), args.cycles)
+    if args.quality_ref is not None:
+        res["quality"] = quality(model, chat, args)
     res["peak_rss_end_gb"] = peak_rss_gb()
     res["vm_hwm_end_gb"] = vm_hwm_gb()
     res["loadavg_end"] = os.getloadavg()
@@ -451,6 +586,33 @@ def print_table(results: dict[str, dict[str, Any]], quick: bool) -> None:
         row("  kept cache (ms)", "-", lambda r, k=label: r["turn2"][k]["kept_ms"], ".0f")
         row("  speed-up (x)", "-", lambda r, k=label: r["turn2"][k]["speedup"], ".1f")
     row("peak RSS at end (GB)", "-", lambda r: r["peak_rss_end_gb"], ".2f")
+    first = results[names[0]]["chat_rtf"]
+    rows.append((f"chat RTF, {first['text_per_cycle']} text + {first['frames_per_cycle']} frames + Mimi: best",
+                 ["-", *[f"{results[n]['chat_rtf']['rtf_min']:.2f}" for n in names]]))  # fmt: skip
+    row("  median", "-", lambda r: r["chat_rtf"]["rtf_median"], ".2f")
+    for part in ("backbone", "text_head", "depthformer", "decoder"):
+        row(f"  best cycle: {part} (ms)", "-", lambda r, k=part: r["chat_rtf"]["best_cycle_ms"][k], ".0f")
+    if any("quality" in results[n] for n in names):
+        qual = {n: results[n].get("quality") for n in names}
+
+        def qrow(label: str, key: str, spec: str) -> None:
+            vals = [fmt(None if qual[n] is None else qual[n][key], spec) for n in names]
+            rows.append((label, ["-", *vals]))
+
+        positions = next(q["positions"] for q in qual.values() if q)
+        rows.append((f"teacher-forced vs {names[0]}, {positions} positions:", ["", *[""] * len(names)]))
+        qrow("  top-1 agreement (per position)", "top1", ".3f")
+        qrow("  text top-1 agreement", "text_top1", ".3f")
+        qrow("  audio code top-1 agreement", "audio_code_top1", ".3f")
+        qrow("  text logits cosine (mean)", "text_logits_cos_mean", ".4f")
+        qrow("  text logits cosine (min)", "text_logits_cos_min", ".4f")
+        qrow("  text logits relative error", "text_logits_rel_err", ".3f")
+        qrow("  depth logits cosine (mean)", "depth_logits_cos_mean", ".4f")
+        qrow("  depth logits relative error", "depth_logits_rel_err", ".3f")
+        rows.append(("  layer cosine (min over layers)", ["-", *[
+            "-" if qual[n] is None else f"{min(qual[n]['layer_cos_mean']):.4f}" for n in names]]))  # fmt: skip
+        rows.append(("  layer relative error (max)", ["-", *[
+            "-" if qual[n] is None else f"{max(qual[n]['layer_rel_err']):.3f}" for n in names]]))  # fmt: skip
 
     width = max(len(label) for label, _ in rows) + 2
     print(f"{'':<{width}}" + "".join(f"{c:>16}" for c in cols))
@@ -467,13 +629,22 @@ def print_table(results: dict[str, dict[str, Any]], quick: bool) -> None:
             t2 = r["turn2"][label]
             ok = "ok" if t2["speedup"] >= 3 else "MISS"
             checks.append(f"turn-2 speed-up at {t2['positions']} positions {t2['speedup']:.1f}x >= 3: {ok}")
-        if n == ref["dtype"]:
+        if n == ref["dtype"] and not r.get("quantize"):
             for key in ("text_token_ms", "audio_frame_ms"):
                 ok = "ok" if r[key]["median"] <= ref[key] else "MISS"
                 checks.append(f"{key} {r[key]['median']:.0f} <= {ref[key]:.0f}: {ok}")
+        rtf = r["chat_rtf"]["rtf_min"]
+        goal = {"int8": 1.2, "int4": 0.8}.get(r.get("quantize") or "")
+        if goal is not None:
+            checks.append(f"chat RTF (best cycle) {rtf:.2f} <= {goal}: {'ok' if rtf <= goal else 'MISS'}")
+            q = r.get("quality") or {}
+            if r.get("quantize") == "int8" and q:
+                cos = q["text_logits_cos_mean"]
+                checks.append(f"text logits cosine {cos:.4f} >= 0.99: {'ok' if cos >= 0.99 else 'MISS'}")
         ratio = r["peak_rss_load_over_weights"]
-        verdict = "ok" if ratio <= 1.25 else "HIGH"
-        checks.append(f"load {r['load_s']:.1f} s, peak RSS after load {ratio:.2f}x weights (<= 1.25: {verdict})")
+        limit = 1.3 if r.get("quantize") else 1.25
+        verdict = "ok" if ratio <= limit else "HIGH"
+        checks.append(f"load {r['load_s']:.1f} s, peak RSS after load {ratio:.2f}x weights (<= {limit}: {verdict})")
         print(f"  {n}:\n    " + "\n    ".join(checks))
 
 
@@ -490,7 +661,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--turn1-tokens", type=int, default=20, help="tokens generated in turn 1")
     ap.add_argument("--max-idle-wait", type=float, default=60.0,
                     help="seconds to wait at most for other jobs to leave the CPU idle before each dtype")  # fmt: skip
+    ap.add_argument("--quantize", default="", help="comma-separated: int8, int4 (each also runs float32 beside it)")
+    ap.add_argument("--cycles", type=int, default=4, help="timed chat cycles (6 text + 12 frames = 0.96 s of audio)")
+    ap.add_argument("--quality-positions", type=int, default=200, help="teacher-forced positions of the quality check")
     ap.add_argument("--make-checkpoint", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-quantize", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quality-ref", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-dtype", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -511,6 +687,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise SystemExit(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+    quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    if any(q not in QUANTIZE_CHOICES for q in quantize):
+        raise SystemExit(f"unknown --quantize {quantize}; choose from {QUANTIZE_CHOICES}")
+    # (label, dtype, quantize): the unquantized runs first, the first of them is the quality reference.
+    runs: list[tuple[str, str, str | None]] = [(d, d, None) for d in dtypes]
+    runs += [(f"{q} ({dtypes[0]})", dtypes[0], q) for q in quantize]
     tmpdir = None
     if args.workdir is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="lfm2audio-bench-")
@@ -522,15 +704,22 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--make-checkpoint", str(folder)]
         subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
         results: dict[str, dict[str, Any]] = {}
-        for name in dtypes:
+        quality_dir = tempfile.TemporaryDirectory()
+        quality_ref = Path(quality_dir.name) / "quality_ref.safetensors"
+        for i, (name, dtype_name, q) in enumerate(runs):
             with tempfile.TemporaryDirectory() as d:
                 result_file = Path(d) / "result.json"
                 cmd = [
-                    sys.executable, str(Path(__file__).resolve()), "--worker", str(folder), "--worker-dtype", name,
-                    "--worker-result", str(result_file), "--threads", str(args.threads), "--steps", str(args.steps),
-                    "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                    "--turn1-tokens", str(args.turn1_tokens),
+                    sys.executable, str(Path(__file__).resolve()), "--worker", str(folder),
+                    "--worker-dtype", dtype_name, "--worker-result", str(result_file), "--threads", str(args.threads),
+                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                    "--turn1-tokens", str(args.turn1_tokens), "--cycles", str(args.cycles),
+                    "--quality-positions", str(args.quality_positions),
                 ]  # fmt: skip
+                if q is not None:
+                    cmd += ["--worker-quantize", q]
+                if quantize and (q is not None or i == 0):
+                    cmd += ["--quality-ref", str(quality_ref)]
                 print(f"running {name} ...", flush=True)
                 waited = wait_for_quiet_cpu(args.max_idle_wait)
                 t0 = time.perf_counter()
@@ -538,6 +727,7 @@ def main(argv: list[str] | None = None) -> None:
                 results[name] = json.loads(result_file.read_text())
                 results[name]["waited_for_quiet_cpu_s"] = waited
                 print(f"  {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        quality_dir.cleanup()
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
