@@ -40,18 +40,20 @@ def default_engine_factory(config: ServerConfig) -> Any:
     from lfm2audio_server.engine_api import Engine, EngineConfig
 
     dtype = None if config.dtype is None else getattr(torch, config.dtype)
-    return Engine.from_pretrained(
-        config.model,
-        device=config.device,
-        dtype=dtype,
-        config=EngineConfig(
-            max_sessions=config.max_sessions,
-            max_context=config.max_context,
-            prefill_chunk=config.prefill_chunk,
-            audio_decoder=config.audio_decoder,  # type: ignore[arg-type]
-            max_input_seconds=config.max_input_audio_s,
-        ),
+    engine_config = EngineConfig(
+        max_sessions=config.max_sessions,
+        max_context=config.max_context,
+        prefill_chunk=config.prefill_chunk,
+        audio_decoder=config.audio_decoder,  # type: ignore[arg-type]
+        max_input_seconds=config.max_input_audio_s,
     )
+    if config.quantize is None:
+        return Engine.from_pretrained(config.model, device=config.device, dtype=dtype, config=engine_config)
+    # Engine.from_pretrained takes no quantize argument: load the quantized model here.
+    from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
+
+    model = LFM2AudioModel.from_pretrained(config.model, device=config.device, dtype=dtype, quantize=config.quantize)
+    return Engine(model, LFM2AudioProcessor.from_pretrained(config.model, device=model.device), engine_config)
 
 
 class ServerState:

@@ -22,6 +22,7 @@ class ServerConfig:
     model: str = DEFAULT_MODEL
     device: str | None = None
     dtype: str | None = None  # float32 | bfloat16 | float16
+    quantize: str | None = None  # int8 | int4 (CPU, weight-only)
     max_sessions: int = 8
     max_context: int = 4096
     prefill_chunk: int = 128
@@ -60,6 +61,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ConfigError(f"quantize must be int8 or int4, got {self.quantize!r}")
         if self.audio_decoder not in ("auto", "mimi", "detokenizer"):
             raise ConfigError(f"audio_decoder must be auto, mimi or detokenizer, got {self.audio_decoder!r}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
@@ -100,6 +103,7 @@ _OPTIONS = [
     _Opt("--model", "model", str, f"Hub repo id or local folder (default {DEFAULT_MODEL})"),
     _Opt("--device", "device", str, "torch device (default cuda when available, else cpu)"),
     _Opt("--dtype", "dtype", str, "float32 | bfloat16 | float16 (default bfloat16 on CUDA, float32 on CPU)"),
+    _Opt("--quantize", "quantize", str, "int8 | int4: weight-only quantized backbone and audio head (CPU only)"),
     _Opt("--host", "host", str, "bind address (default 127.0.0.1)"),
     _Opt("--port", "port", int, "port (default 8000)"),
     _Opt("--max-sessions", "max_sessions", int, "concurrent sessions (engine slots; default 8)"),
