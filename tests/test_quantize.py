@@ -1,0 +1,164 @@
+"""Weight-only int8 / int4 quantization: the layers, loading, batched rows, and quality against float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from golden_chat import INPUT_NAMES, build_state
+
+from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
+from lfm2audio.model.linear import Linear
+from lfm2audio.model.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantized_linear
+from lfm2audio.model.quantize_eval import compare, depth_logits_forced, teacher_forced
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def model_f32(checkpoint_dir):
+    return LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def model_q(request, checkpoint_dir):
+    return request.param, LFM2AudioModel.from_pretrained(
+        checkpoint_dir, device="cpu", dtype=torch.float32, quantize=request.param
+    )
+
+
+# Layers ------------------------------------------------------------------------------------------------
+
+
+def test_int8_roundtrip_and_matmul():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 160, generator=g) * 0.02
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (96,)
+    deq = q.float() * scales.float()[:, None]
+    # Rounding to the nearest level: at most half a step (plus the bf16 rounding of the scale) per weight.
+    assert float(((deq - w).abs() / scales.float()[:, None]).max()) <= 0.5 + 1e-3
+    layer = Int8Linear.from_float(w)
+    x = torch.randn(5, 160, generator=g)
+    assert _rel(layer(x), x @ deq.T) < 1e-2  # bf16 activations inside
+    assert _rel(layer(x), x @ w.T) < 2e-2
+
+
+def test_int4_roundtrip_and_matmul():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    q, sz = quantize_int4(w, 64)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (4, 64, 2)
+    scale, zero = sz[..., 0].float().T, sz[..., 1].float().T  # (out, groups)
+    deq = ((q.float() - 8).view(64, 4, 64) * scale[..., None] + zero[..., None]).view(64, 256)
+    assert float(((deq - w).abs().view(64, 4, 64) / scale[..., None]).max()) <= 0.5 + 1e-2
+    layer = Int4Linear.from_float(w, 64)
+    x = torch.randn(3, 256, generator=g)
+    assert _rel(layer(x), x @ deq.T) < 1e-2
+    assert _rel(layer(x), x @ w.T) < 0.2  # 16 levels per group: ~10% weight noise
+
+
+def test_int4_falls_back_to_int8_where_the_kernel_cannot():
+    w = torch.randn(2049, 64) * 0.02  # the kernel needs out % 16 == 0 (a codebook head has 2049 rows)
+    assert isinstance(quantized_linear(w, None, "int4"), Int8Linear)
+    assert isinstance(quantized_linear(torch.randn(64, 64), None, "int4"), Int4Linear)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_batched_rows_equal_single_rows(mode):
+    g = torch.Generator().manual_seed(2)
+    layer = quantized_linear(torch.randn(256, 128, generator=g) * 0.02, torch.randn(256, generator=g), mode)
+    x = torch.randn(7, 128, generator=g)
+    batched = layer(x)
+    single = torch.cat([layer(x[i : i + 1]) for i in range(7)])
+    torch.testing.assert_close(batched, single, atol=2e-3, rtol=1e-2)
+    # 3-D and non-contiguous inputs (the backbone's (B, T, D) and transposed conv outputs) work too.
+    x3 = torch.randn(2, 128, 3, generator=g).transpose(1, 2)
+    torch.testing.assert_close(layer(x3), layer(x3.reshape(6, 128)).view(2, 3, 256), atol=2e-3, rtol=1e-2)
+
+
+# Loading -----------------------------------------------------------------------------------------------
+
+
+def test_from_pretrained_quantizes_backbone_and_audio_head(model_q):
+    mode, model = model_q
+    quantized = {n for n, m in model.named_modules() if isinstance(m, Int8Linear | Int4Linear)}
+    floats = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "lfm.layers.0.feed_forward.w1" in quantized and "depth_linear" in quantized
+    assert "depthformer.layers.0.operator.qkv_proj" in quantized
+    assert {f"depth_embeddings.{k}.to_logits" for k in range(8)} <= quantized  # tied heads: quantized copies
+    assert not any(n.startswith(("lfm.", "depthformer.", "depth_linear", "depth_embeddings.")) for n in floats)
+    assert any(n.startswith("conformer.") for n in floats) and any(n.startswith("audio_adapter.") for n in floats)
+    # Embeddings stay float (lookups), so the model's dtype and its caches do too.
+    assert model.dtype == torch.float32 and model.depth_embeddings[0].embedding.weight.dtype == torch.float32
+    if mode == "int4":
+        assert isinstance(model.get_submodule("lfm.layers.0.feed_forward.w1"), Int4Linear)
+
+
+def test_quantize_argument_errors(checkpoint_dir):
+    with pytest.raises(ValueError, match="quantize must be"):
+        LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", quantize="int3")
+    with pytest.raises(ValueError, match="CPU-only"):
+        LFM2AudioModel.from_pretrained(checkpoint_dir, device="meta", quantize="int8")
+
+
+# Quality against float32 (teacher-forced on the golden float32 greedy chat stream) --------------------
+
+
+def test_teacher_forced_quality(model_f32, model_q, golden):
+    mode, model = model_q
+    steps, prompt = golden["gen.inter.chat.steps"], golden["prefill.chat.embeddings"]
+    ref = teacher_forced(model_f32, prompt, steps)
+    same = compare(teacher_forced(model_f32, prompt, steps), ref, steps)
+    assert same["top1"] == 1.0 and same["text_logits_cos_min"] > 0.999999  # the comparison itself is sound
+    r = compare(teacher_forced(model, prompt, steps), ref, steps)
+    # Random tiny weights (hidden 64) are a hard case; the full-size figures are in bench_model.py.
+    if mode == "int8":
+        assert r["text_logits_cos_min"] >= 0.995 and r["depth_logits_cos_mean"] >= 0.995
+        assert min(r["layer_cos_mean"]) >= 0.999
+        assert r["text_top1"] >= 0.9 and r["audio_code_top1"] >= 0.85
+    else:
+        assert r["text_logits_cos_mean"] >= 0.85 and r["depth_logits_cos_mean"] >= 0.85
+        assert min(r["layer_cos_mean"]) >= 0.9
+        assert r["text_top1"] >= 0.4 and r["audio_code_top1"] >= 0.3
+
+
+def test_quantized_batched_depthformer_and_backbone_rows(model_q, golden):
+    _, model = model_q
+    steps, prompt = golden["gen.inter.chat.steps"], golden["prefill.chat.embeddings"]
+    with torch.inference_mode():
+        hidden, _ = model.lfm(prompt)
+        h = hidden[0, -4:]
+        codes = steps[steps[:, 1] >= 0][:4]
+        batched = depth_logits_forced(model, h, codes)
+        single = torch.cat([depth_logits_forced(model, h[i : i + 1], codes[i : i + 1]) for i in range(4)])
+        torch.testing.assert_close(batched, single, atol=1e-2, rtol=1e-2)
+        # Backbone: 3 rows stepped together with a cache equal each row stepped alone.
+        x = prompt[0, :3].view(3, 1, -1)
+        cache = model.lfm.new_cache(3, 8)
+        together, _ = model.lfm(x, cache)
+        alone = [model.lfm(x[i : i + 1], model.lfm.new_cache(1, 8))[0] for i in range(3)]
+        torch.testing.assert_close(together, torch.cat(alone), atol=1e-2, rtol=1e-2)
+
+
+def test_quantized_model_generates_chat(model_q, checkpoint_dir, golden):
+    _, model = model_q
+    proc = LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+    chat = build_state(proc, "chat", golden["input.wave_user1"])
+    out = list(model.generate_interleaved(**{k: chat[k] for k in INPUT_NAMES}, max_new_tokens=20))
+    assert len(out) == 20 and {t.numel() for t in out} <= {1, 8}
+    assert any(t.numel() == 8 for t in out)
+
+
+def test_bfloat16_activations_with_quantized_weights(checkpoint_dir):
+    model = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.bfloat16, quantize="int8")
+    with torch.inference_mode():
+        hidden, _ = model.lfm(torch.randn(1, 4, 64, dtype=torch.bfloat16))
+        assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden).all()
+        assert model.sample_audio_frame(hidden[:, -1]).shape == (1, 8)
+
+
+def test_plain_linear_is_untouched_without_quantize(model_f32):
+    assert isinstance(model_f32.get_submodule("lfm.layers.0.feed_forward.w1"), Linear)
+    assert not any(isinstance(m, Int8Linear | Int4Linear) for m in model_f32.modules())
