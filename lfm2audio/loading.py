@@ -8,6 +8,7 @@ no throw-away random initialisation and peaks close to the weights' size.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -105,14 +106,34 @@ def read_converted(
         with safe_open(str(path), framework="pt", device="cpu") as f:
             taken = 0
             while i < len(names) and taken < group_bytes:
-                raw = f.get_tensor(names[i])
-                taken += raw.numel() * raw.element_size()
-                out = raw.to(device=device, dtype=dtypes[names[i]])
-                if out.data_ptr() == raw.data_ptr():
-                    out = out.clone()  # do not keep a view into the map
+                part = f.get_slice(names[i])
+                shape = part.get_shape()
+                dtype = dtypes[names[i]]
+                rows = _rows_per_block(shape, dtype)
+                if shape and rows < shape[0]:
+                    # A large table (the 65536-row token embedding): converted a block of rows at a
+                    # time, so the file's copy and the converted one never coexist in full.
+                    out = torch.empty(shape, dtype=dtype, device=device)
+                    for a in range(0, shape[0], rows):
+                        out[a : a + rows] = part[a : a + rows]
+                else:
+                    raw = f.get_tensor(names[i])
+                    out = raw.to(device=device, dtype=dtype)
+                    if out.data_ptr() == raw.data_ptr():
+                        out = out.clone()  # do not keep a view into the map
+                    del raw
+                taken += out.numel() * out.element_size()
                 yield names[i], out
-                del raw
+                del out
                 i += 1
+
+
+def _rows_per_block(shape: list[int], dtype: torch.dtype, block_bytes: int = 64 << 20) -> int:
+    """Rows of a tensor of ``shape`` read at once: all of it unless it exceeds ``block_bytes``."""
+    if not shape:
+        return 1
+    row_bytes = max(1, math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size())
+    return max(1, block_bytes // row_bytes) if row_bytes * shape[0] > block_bytes else shape[0]
 
 
 def check_state_dict(
@@ -208,5 +229,5 @@ def load_model(
     load_into_meta_model(model, path, device=dev, dtype=dt, quantize=quantize, group_size=group_size)
     model.retie()
     if quantize:
-        quantize_tied_heads(model, quantize, group_size)
+        quantize_tied_heads(model)
     return model.eval()

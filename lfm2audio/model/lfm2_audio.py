@@ -65,6 +65,8 @@ class LFM2AudioModel(nn.Module):
             CodebookEmbedding(config.depthformer.dim, vocab, config.depthformer.norm_eps, config.depthformer.tie)
             for _ in range(config.codebooks)
         )
+        # A quantized copy of the tied text head, set by lfm2audio.model.quantize; None: use the embedding.
+        self.text_head: nn.Module | None = None
 
     # Loading -----------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class LFM2AudioModel(nn.Module):
 
     def text_logits(self, hidden: Tensor) -> Tensor:
         """Tied-embedding logits for backbone states (..., hidden)."""
+        if self.text_head is not None:
+            return self.text_head(hidden)
         return linear(hidden, self.lfm.embed_tokens.weight)
 
     def sample_audio_frame(

@@ -123,11 +123,25 @@ def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     return out_features % 16 == 0 and in_features % group_size == 0 and group_size % 2 == 0
 
 
+def _row_blocks(weight: Tensor, max_bytes: int = 32 << 20) -> list[Tensor]:
+    """``weight`` split into blocks of rows of at most ``max_bytes`` in float32, so that quantizing
+    a 65536-row table never holds several float copies of it (peak memory while loading)."""
+    rows = max(1, max_bytes // (4 * weight.shape[1]))
+    return list(weight.split(rows))
+
+
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(int8 weight, bf16 per-row scales) with weight ~= q * scale; the largest |w| of a row maps to 127."""
-    w = weight.float()
-    scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(_ACT)
-    q = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=_ACT, device=weight.device)
+    start = 0
+    for block in _row_blocks(weight):
+        w = block.float()
+        s = (w.abs().amax(1) / 127).clamp(min=1e-12).to(_ACT)
+        end = start + w.shape[0]
+        q[start:end] = torch.round(w / s.float()[:, None]).clamp_(-128, 127)
+        scales[start:end] = s
+        start = end
     return q, scales
 
 
@@ -137,13 +151,21 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     Each group's [min, max] is spread over the 16 levels; weight ~= (q - 8) * scale + zero.
     """
     out_features, in_features = weight.shape
-    w = weight.float().reshape(out_features, in_features // group_size, group_size)
-    lo, hi = w.amin(-1), w.amax(-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-12).to(_ACT).float()
-    zeros = (lo + 8 * scales).to(_ACT).float()
-    q = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp_(0, 15).to(torch.int32)
-    sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(_ACT)
-    return q.reshape(out_features, in_features), sz
+    groups = in_features // group_size
+    q = torch.empty(weight.shape, dtype=torch.int32, device=weight.device)
+    sz = torch.empty((groups, out_features, 2), dtype=_ACT, device=weight.device)
+    start = 0
+    for block in _row_blocks(weight):
+        n = block.shape[0]
+        w = block.float().reshape(n, groups, group_size)
+        lo, hi = w.amin(-1), w.amax(-1)
+        scales = ((hi - lo) / 15).clamp(min=1e-12).to(_ACT).float()
+        zeros = (lo + 8 * scales).to(_ACT).float()
+        qb = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp_(0, 15)
+        q[start : start + n] = qb.reshape(n, in_features)
+        sz[:, start : start + n] = torch.stack([scales, zeros], -1).transpose(0, 1)
+        start += n
+    return q, sz
 
 
 def int4_group(in_features: int, group_size: int) -> int:
@@ -186,15 +208,20 @@ def quantized_module_names(model: nn.Module) -> list[str]:
 _QUANTIZED_PREFIXES = ("lfm.", "depthformer.", "depth_linear", "depth_embeddings.")
 
 
-def quantize_tied_heads(model: nn.Module, quantize: Quantize, group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """Give each codebook head tied to its embedding table a quantized copy of that table.
+def quantize_tied_heads(model: nn.Module) -> None:
+    """Give each head tied to an embedding table an int8 copy of that table.
 
-    The table itself stays in float for the embedding lookups; the copy costs 1 (int8) or 0.5
-    (int4) bytes per weight. Call after the ties are made: re-tying would put the float table back.
+    The text head (``text_head``, the 65536-row token table) and the 8 codebook heads. The tables
+    stay in float for the embedding lookups; a copy costs one byte per weight. The heads are int8
+    in both modes: they are the last layer before a sampled token (int4's ~10% weight noise would
+    land on the logits unfiltered), and the codebook heads' 2049 rows do not fit the int4 kernel.
+    Call after the ties are made: re-tying would put the float table back.
     """
+    if hasattr(model, "text_head"):
+        model.text_head = Int8Linear.from_float(model.lfm.embed_tokens.weight.detach())
     for name, module in model.named_modules():
         if not name.startswith("depth_embeddings.") or not getattr(module, "tie", False):
             continue
         head = getattr(module, "to_logits", None)
         if isinstance(head, nn.Linear):
-            module.to_logits = quantized_linear(module.embedding.weight.detach(), head.bias, quantize, group_size)
+            module.to_logits = Int8Linear.from_float(module.embedding.weight.detach(), head.bias)
