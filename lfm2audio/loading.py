@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from lfm2audio.config import LFM2AudioConfig
+from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
+
+N = TypeVar("N", bound=LFM2AudioNetwork)
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +162,9 @@ def load_model(
     revision: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-):
-    """Build an ``LFM2AudioModel`` from a folder or Hub repo in the official layout."""
-    from lfm2audio.model.lfm2_audio import LFM2AudioModel
+    cls: type[N] = LFM2AudioNetwork,  # type: ignore[assignment]
+) -> N:
+    """Build ``cls`` (the network or a subclass) from a folder or Hub repo in the official layout."""
 
     folder = resolve_model_dir(repo_id_or_path, revision=revision)
     config = LFM2AudioConfig.from_file(folder / "config.json")
@@ -168,7 +172,7 @@ def load_model(
     dt = default_dtype(dev, dtype)
     path = safetensors_path(folder, MODEL_FILE)
     with torch.device("meta"):
-        model = LFM2AudioModel(config)
+        model = cls(config)
     load_into_meta_model(model, path, device=dev, dtype=dt)
     model.retie()
     return model.eval()
