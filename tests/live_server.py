@@ -90,7 +90,7 @@ def espeak(text: str, path: Path, *, lead_s: float = 0.0, tail_s: float = 0.0, r
 
     ``rate`` resamples (soxr) to that rate; the default keeps espeak-ng's 22050 Hz.
     """
-    from lfm2audio.client.audio import read_wav, resample, to_mono, write_wav
+    from lfm2audio_client.audio import read_wav, resample, to_mono, write_wav
 
     exe = shutil.which("espeak-ng")
     if exe is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,10 +13,10 @@ import numpy as np
 import pytest
 from live_server import LiveServer, espeak, start_engine, tts_checkpoint
 
-from lfm2audio.client import RealtimeClient, RealtimeError, Sampling, read_wav
-from lfm2audio.client.audio import float_to_pcm16, resample, to_mono
-from lfm2audio.client.cli import main
-from lfm2audio.client.live import converse
+from lfm2audio_client import RealtimeClient, RealtimeError, Sampling, read_wav
+from lfm2audio_client.audio import float_to_pcm16, resample, to_mono
+from lfm2audio_client.cli import main
+from lfm2audio_client.live import converse
 
 GREEDY = Sampling(temperature=0)
 
@@ -116,6 +118,48 @@ def test_cli_chat_and_asr(server, speech, tmp_path, capsys):
     assert main(["chat", str(tmp_path / "nope.wav"), "--url", server.ws]) == 2
     assert main(["asr", str(speech), "--url", "ws://127.0.0.1:9/v1/realtime"]) == 1
     assert "cannot connect" in capsys.readouterr().err
+
+
+# Run in a fresh interpreter whose import system refuses torch and the packages that need it: the
+# client (a separate package from the model library) must import and work without them.
+_WITHOUT_TORCH = """
+import sys
+
+class _Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "lfm2audio", "lfm2audio_server"):
+            raise ImportError(f"the Python client imported {name}")
+
+sys.meta_path.insert(0, _Refuse())
+"""
+
+
+def _without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH + code, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_client_imports_without_torch():
+    r = _without_torch(
+        "import lfm2audio_client, lfm2audio_client.audio, lfm2audio_client.cli, lfm2audio_client.live, "
+        "lfm2audio_client.realtime\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'lfm2audio')], sorted(sys.modules)\n"
+        "print('imported')"
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "imported", r.stderr
+    # The guard itself works: importing torch in that interpreter fails.
+    r = _without_torch("import torch")
+    assert r.returncode != 0 and "the Python client imported torch" in r.stderr
+
+
+def test_cli_without_torch_talks_to_the_server(server, speech):
+    r = _without_torch(
+        "from lfm2audio_client.cli import main\nsys.exit(main(sys.argv[1:]))",
+        *["asr", str(speech), "--url", server.ws, "--max-output-tokens", "8", "-q"],
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and r.stderr == ""
 
 
 def test_cli_tts(checkpoint_dir, checkpoint_tts_dir, tmp_path, capsys):

@@ -205,8 +205,9 @@ def test_dockerignore_keeps_the_context_to_the_packages():
         "LICENSE",
         "lfm2audio/__init__.py",
         "lfm2audio/codec/mimi.py",
-        "lfm2audio_server/__init__.py",
-        "lfm2audio_server/app.py",
+        "server/__init__.py",
+        "server/app.py",
+        "clients/python/lfm2audio_client/__init__.py",
         "clients/web/index.html",
     ]
     for path in needed:
@@ -241,7 +242,15 @@ def test_dockerignore_keeps_the_context_to_the_packages():
 def test_dockerignore_against_the_working_tree():
     """Whatever is in the repository, only the packages, three top-level files and the web client get through."""
     rules = _dockerignore_rules()
-    allowed = ("pyproject.toml", "README.md", "LICENSE", "lfm2audio/", "lfm2audio_server/", "clients/web/")
+    allowed = (
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "lfm2audio/",
+        "server/",
+        "clients/python/lfm2audio_client/",
+        "clients/web/",
+    )
     skip_dirs = {".git", ".venv", ".venv-ci", "node_modules"}
     for folder, dirs, files in os.walk(REPO):
         rel_folder = Path(folder).relative_to(REPO)
