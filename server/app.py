@@ -18,7 +18,7 @@ from lfm2audio_server.auth import Authenticator, find_key, offered_subprotocols,
 from lfm2audio_server.config import ServerConfig
 from lfm2audio_server.logging import session_id_var
 from lfm2audio_server.metrics import Metrics
-from lfm2audio_server.protocol import ProtocolError
+from lfm2audio_server.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, ProtocolError
 from lfm2audio_server.realtime import RealtimeConnection
 
 log = logging.getLogger("lfm2audio_server")
@@ -26,12 +26,6 @@ log = logging.getLogger("lfm2audio_server")
 # /ready is public: load balancers and orchestrators probe it without keys (its body shows details
 # only to authenticated callers).
 PUBLIC_PATHS = {"/health", "/ready"}
-
-# Close codes (see docs/protocol.md).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # server shutting down
-CLOSE_POLICY = 1008  # auth, origin, limits
-CLOSE_TRY_AGAIN = 1013  # session limit reached, model not ready
 
 
 def default_engine_factory(config: ServerConfig) -> Any:
@@ -91,21 +85,17 @@ class ServerState:
         self.set_ready(False)
         log.info("draining: %d sessions, grace %.1f s", len(self.connections), grace)
         deadline = time.monotonic() + grace
-        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+        while any(c.responding for c in self.connections) and time.monotonic() < deadline:
             if self._hurry:
                 break
             await asyncio.sleep(0.05)
         for c in list(self.connections):
-            c._cancel("server_shutdown")
+            c.cancel_response("server_shutdown")
         deadline = time.monotonic() + 2.0
-        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+        while any(c.responding for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
-            c.close(
-                CLOSE_GOING_AWAY,
-                "server_shutdown",
-                ProtocolError("server_shutting_down", "the server is shutting down", type="server_error"),
-            )
+            c.shutdown()
         deadline = time.monotonic() + 3.0
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -303,7 +293,9 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
         await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
         return
 
-    conn = RealtimeConnection(ws, state, session)
+    conn = RealtimeConnection(
+        ws, session, cfg, state.metrics, model_name=state.model_name, draining=lambda: state.draining
+    )
     state.connections.add(conn)
     state.metrics.active_sessions.inc()
     state.metrics.sessions.inc()

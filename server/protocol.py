@@ -20,6 +20,12 @@ from lfm2audio_server.audio import MAX_INPUT_RATE, MIN_INPUT_RATE
 
 OUTPUT_RATE = 24_000
 
+# WebSocket close codes (see docs/protocol.md).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # server shutting down
+CLOSE_POLICY = 1008  # auth, origin, limits
+CLOSE_TRY_AGAIN = 1013  # session limit reached, model not ready
+
 
 class ProtocolError(Exception):
     """Something wrong with what a client sent: becomes an ``error`` event; the session goes on."""

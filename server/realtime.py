@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from lfm2audio_server.audio import (
     pcm16_from_bytes,
     unpack_packets,
 )
+from lfm2audio_server.config import ServerConfig
 from lfm2audio_server.engine_api import (
     AudioFrame,
     EmptyInputError,
@@ -49,13 +51,12 @@ from lfm2audio_server.engine_api import (
     SessionEvent,
     TextDelta,
 )
-from lfm2audio_server.protocol import ProtocolError, event
+from lfm2audio_server.metrics import Metrics
+from lfm2audio_server.protocol import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, ProtocolError, event
 from lfm2audio_server.vad import VAD_EXECUTOR, SpeechAudio, SpeechStarted, SpeechStopped, StreamingVad, VadParams
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
-
-    from lfm2audio_server.app import ServerState
 
 log = logging.getLogger("lfm2audio_server.session")
 
@@ -82,14 +83,26 @@ class _Response:
 
 
 class RealtimeConnection:
-    def __init__(self, ws: WebSocket, state: ServerState, session: Any) -> None:
+    """One client's WebSocket and its engine session. It sees only what it needs of the server: the
+    config, the metrics and whether the server is draining (``draining()``, asked at each new response)."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        session: Any,
+        config: ServerConfig,
+        metrics: Metrics,
+        *,
+        model_name: str,
+        draining: Callable[[], bool],
+    ) -> None:
         self.ws = ws
-        self.state = state
-        self.cfg = state.config
-        self.metrics = state.metrics
+        self.cfg = config
+        self.metrics = metrics
+        self._draining = draining
         self.session = session
         self.id: str = session.id
-        self.settings = P.SessionSettings(model=state.model_name)
+        self.settings = P.SessionSettings(model=model_name)
         self._engine_config: SessionConfig | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._queued_bytes = 0
@@ -140,7 +153,7 @@ class RealtimeConnection:
         )
         self.metrics.errors.labels("send_queue_overflow").inc()
         self.closing = True
-        self.close_code, self.close_reason = 1008, "send_queue_overflow"
+        self.close_code, self.close_reason = CLOSE_POLICY, "send_queue_overflow"
         self._abort.set()
 
     def send_error(self, err: ProtocolError) -> None:
@@ -165,7 +178,7 @@ class RealtimeConnection:
         while True:
             item = await self._queue.get()
             if item is _CLOSE:
-                await ws.close(self.close_code or 1000, self.close_reason)
+                await ws.close(self.close_code or CLOSE_NORMAL, self.close_reason)
                 return
             self._queued_bytes -= len(item)
             if isinstance(item, str):
@@ -189,7 +202,7 @@ class RealtimeConnection:
             if abort in done:
                 writer.cancel()
                 try:
-                    await asyncio.wait_for(self.ws.close(self.close_code or 1008, self.close_reason), 1.0)
+                    await asyncio.wait_for(self.ws.close(self.close_code or CLOSE_POLICY, self.close_reason), 1.0)
                 except Exception:
                     pass
             elif writer in done and reader not in done:
@@ -227,7 +240,7 @@ class RealtimeConnection:
             if now - self.created >= cfg.max_session_s:
                 self._cancel("session_expired")
                 self.close(
-                    1008,
+                    CLOSE_POLICY,
                     "session_expired",
                     ProtocolError(
                         "session_expired",
@@ -237,7 +250,7 @@ class RealtimeConnection:
                 )
             elif self.current is None and now - self.last_activity >= cfg.idle_timeout_s:
                 self.close(
-                    1008,
+                    CLOSE_POLICY,
                     "idle_timeout",
                     ProtocolError("idle_timeout", f"no activity for {cfg.idle_timeout_s:g} s; closing"),
                 )
@@ -491,7 +504,7 @@ class RealtimeConnection:
     # Responses -----------------------------------------------------------------------------------
 
     async def _create_response(self, max_tokens: int | None) -> None:
-        if self.state.draining:
+        if self._draining():
             raise ProtocolError("server_shutting_down", "the server is shutting down; no new responses")
         now = time.monotonic()
         if self.current is not None and self._cancel_requested and self._pending_create is None:
@@ -524,7 +537,7 @@ class RealtimeConnection:
 
     async def _start_pending(self, max_tokens: int | None, started: float) -> None:
         try:
-            if self.state.draining:
+            if self._draining():
                 raise ProtocolError("server_shutting_down", "the server is shutting down; no new responses")
             await self._start(max_tokens, started)
         except ProtocolError as e:
@@ -587,6 +600,23 @@ class RealtimeConnection:
             )
         )
         return r
+
+    @property
+    def responding(self) -> bool:
+        """A response is in progress (from response.created to response.done)."""
+        return self.current is not None
+
+    def cancel_response(self, reason: str) -> bool:
+        """Stop the response in progress (its response.done says ``reason``); False when none runs."""
+        return self._cancel(reason)
+
+    def shutdown(self) -> None:
+        """The server is going away: tell the client, close with 1001 after what is queued."""
+        self.close(
+            CLOSE_GOING_AWAY,
+            "server_shutdown",
+            ProtocolError("server_shutting_down", "the server is shutting down", type="server_error"),
+        )
 
     def _cancel(self, reason: str) -> bool:
         cur = self.current
