@@ -13,13 +13,14 @@ from typing import Any
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from lfm2audio.engine import Engine, EngineConfig, PoolFullError
 from lfm2audio_server import protocol as P
 from lfm2audio_server.auth import Authenticator, find_key, offered_subprotocols, select_subprotocol
 from lfm2audio_server.config import ServerConfig
+from lfm2audio_server.connection import RealtimeConnection
 from lfm2audio_server.logging import session_id_var
 from lfm2audio_server.metrics import Metrics
 from lfm2audio_server.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, ProtocolError
-from lfm2audio_server.realtime import RealtimeConnection
 
 log = logging.getLogger("lfm2audio_server")
 
@@ -28,10 +29,8 @@ log = logging.getLogger("lfm2audio_server")
 PUBLIC_PATHS = {"/health", "/ready"}
 
 
-def default_engine_factory(config: ServerConfig) -> Any:
+def default_engine_factory(config: ServerConfig) -> Engine:
     import torch
-
-    from lfm2audio_server.engine_api import Engine, EngineConfig
 
     dtype = None if config.dtype is None else getattr(torch, config.dtype)
     return Engine.from_pretrained(
@@ -55,7 +54,7 @@ class ServerState:
         self.config = config
         self.metrics = metrics
         self.auth = Authenticator(config.api_keys)
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.owns_engine = False
         self.ready = False
         self.load_error: str | None = None
@@ -106,8 +105,8 @@ class ServerState:
 def create_app(
     config: ServerConfig | None = None,
     *,
-    engine: Any = None,
-    engine_factory: Callable[[ServerConfig], Any] | None = None,
+    engine: Engine | None = None,
+    engine_factory: Callable[[ServerConfig], Engine] | None = None,
     metrics: Metrics | None = None,
 ) -> FastAPI:
     """The server app. With ``engine`` (already started) the app uses it and leaves it running at
@@ -284,8 +283,6 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
     if len(state.connections) >= cfg.max_sessions:
         await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
         return
-
-    from lfm2audio_server.engine_api import PoolFullError
 
     try:
         session = state.engine.open_session()

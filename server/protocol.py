@@ -1,24 +1,25 @@
-"""The OpenAI Realtime protocol subset we speak: client event parsing, session settings, server events.
+"""The OpenAI Realtime protocol subset we speak, server side: errors and close codes, and the objects
+and events the server sends (session, items, responses). What clients send is in ``client_events``.
 
-Client events are validated strictly (a string where a number belongs is an error,
-not coerced). Fields OpenAI defines that we do not implement (tools, tracing,
-noise_reduction, transcription, ...) are accepted and ignored so that stock clients
-work; everything under our ``lfm2audio`` extension key is checked and unknown keys
-there are errors.
+Builders take plain values and return the JSON-ready dicts; nothing here holds state or does I/O.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
-from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from lfm2audio.engine import (
+    OUTPUT_SAMPLE_RATE,
+    EmptyInputError,
+    EngineError,
+    InputTooLargeError,
+    ResponseInProgressError,
+    ResponseStats,
+)
+from lfm2audio_server.settings import RealtimeSettings, Sampling
 
-from lfm2audio_server.audio import MAX_INPUT_RATE, MIN_INPUT_RATE
-
-OUTPUT_RATE = 24_000
+OUTPUT_RATE = OUTPUT_SAMPLE_RATE  # output audio is the model's 24 kHz PCM16
 
 # WebSocket close codes (see docs/protocol.md).
 CLOSE_NORMAL = 1000
@@ -47,66 +48,47 @@ class ProtocolError(Exception):
         self.type = type
 
 
+def engine_error(e: EngineError, event_id: str | None) -> ProtocolError:
+    """An engine refusal as the protocol's error (the engine knows no protocol codes)."""
+    code = getattr(e, "code", "engine_error")
+    if isinstance(e, ResponseInProgressError):
+        code = "conversation_already_has_active_response"
+    elif isinstance(e, InputTooLargeError):
+        code = "input_audio_buffer_full"
+    elif isinstance(e, EmptyInputError):
+        code = "input_audio_buffer_commit_empty"
+    return ProtocolError(code, str(e), event_id=event_id)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
-# Session settings ---------------------------------------------------------------------------------
+class ItemOrder:
+    """The conversation's items in order: each new item names the one before it (``previous_item_id``)."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def append(self, item_id: str) -> str | None:
+        """Record ``item_id`` as the newest item; returns the one before it."""
+        previous, self.last = self.last, item_id
+        return previous
 
 
-@dataclass(frozen=True)
-class TurnDetection:
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-    create_response: bool = True
-    interrupt_response: bool = True
+# Session ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float | None = None
-    top_k: int | None = None
-
-
-# liquid-audio's recommended settings; text is greedy unless the client says otherwise.
-DEFAULT_AUDIO_SAMPLING = {"chat": Sampling(1.0, 4), "tts": Sampling(0.8, 64), "asr": Sampling(None, None)}
-DEFAULT_TEXT_SAMPLING = Sampling(None, None)
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    model: str = ""
-    mode: Literal["chat", "asr", "tts"] = "chat"
-    instructions: str | None = None
-    voice: str | None = None  # lfm2audio: TTS voice description
-    output_voice: Any = None  # OpenAI audio.output.voice, echoed, not used
-    max_output_tokens: int | Literal["inf"] = "inf"
-    output_modalities: tuple[str, ...] = ("audio",)
-    input_rate: int = 24_000
-    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
-    text_sampling: Sampling | None = None  # None: the mode's default
-    audio_sampling: Sampling | None = None
-    seed: int | None = None
-    binary_input: tuple[Literal["pcm16", "opus"], int | None] | None = None
-    binary_output: Literal["pcm16", "opus"] | None = None
-
-    def effective_text_sampling(self) -> Sampling:
-        return self.text_sampling or DEFAULT_TEXT_SAMPLING
-
-    def effective_audio_sampling(self) -> Sampling:
-        return self.audio_sampling or DEFAULT_AUDIO_SAMPLING[self.mode]
-
-    @property
-    def sends_audio(self) -> bool:
-        return self.mode != "asr" and "audio" in self.output_modalities
+def output_audio(voice: Any) -> dict:
+    """The output audio format (24 kHz PCM16) and OpenAI's voice setting (echoed, not used)."""
+    return {"format": {"type": "audio/pcm", "rate": OUTPUT_RATE}, "voice": voice}
 
 
 def _sampling_dict(s: Sampling) -> dict:
     return {"temperature": s.temperature, "top_k": s.top_k}
 
 
-def session_object(s: SessionSettings, session_id: str, *, default_instructions: str | None = None) -> dict:
+def session_object(s: RealtimeSettings, session_id: str, *, default_instructions: str | None = None) -> dict:
     td = s.turn_detection
     return {
         "type": "realtime",
@@ -134,7 +116,7 @@ def session_object(s: SessionSettings, session_id: str, *, default_instructions:
                 "transcription": None,
                 "noise_reduction": None,
             },
-            "output": {"format": {"type": "audio/pcm", "rate": OUTPUT_RATE}, "voice": s.output_voice, "speed": 1.0},
+            "output": {**output_audio(s.output_voice), "speed": 1.0},
         },
         "lfm2audio": {
             "mode": s.mode,
@@ -152,303 +134,7 @@ def session_object(s: SessionSettings, session_id: str, *, default_instructions:
     }
 
 
-# Client event models -------------------------------------------------------------------------------
-
-
-class _Lenient(BaseModel):
-    """OpenAI-defined objects: strict types, unknown (unsupported) fields ignored."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class _Strict(BaseModel):
-    """Our extension: strict types, unknown fields rejected."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class AudioFormatModel(_Lenient):
-    type: str = "audio/pcm"
-    rate: int | None = None
-
-
-class TurnDetectionModel(_Lenient):
-    type: str
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    prefix_padding_ms: int | None = Field(default=None, ge=0, le=10_000)
-    silence_duration_ms: int | None = Field(default=None, ge=0, le=60_000)
-    create_response: bool | None = None
-    interrupt_response: bool | None = None
-
-
-class AudioInputModel(_Lenient):
-    format: AudioFormatModel | None = None
-    turn_detection: TurnDetectionModel | None = None
-
-
-class AudioOutputModel(_Lenient):
-    format: AudioFormatModel | None = None
-    voice: str | dict | None = None
-    speed: float | None = None
-
-
-class AudioModel(_Lenient):
-    input: AudioInputModel | None = None
-    output: AudioOutputModel | None = None
-
-
-class SamplingModel(_Strict):
-    temperature: float | None = Field(default=None, ge=0.0, le=10.0)
-    top_k: int | None = Field(default=None, ge=1)
-
-
-class SamplingPairModel(_Strict):
-    text: SamplingModel | None = None
-    audio: SamplingModel | None = None
-
-
-class BinaryInputModel(_Strict):
-    format: Literal["pcm16", "opus"]
-    rate: int | None = None
-
-
-class BinaryOutputModel(_Strict):
-    format: Literal["pcm16", "opus"]
-
-
-class ExtensionModel(_Strict):
-    mode: Literal["chat", "asr", "tts"] | None = None
-    voice: str | None = None
-    sampling: SamplingPairModel | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**62)
-    binary_input: BinaryInputModel | None = None
-    binary_output: BinaryOutputModel | None = None
-
-
-class SessionModel(_Lenient):
-    type: str | None = None
-    model: str | None = None
-    instructions: str | None = None
-    max_output_tokens: int | Literal["inf"] | None = None
-    output_modalities: list[Literal["text", "audio"]] | None = Field(default=None, min_length=1)
-    audio: AudioModel | None = None
-    lfm2audio: ExtensionModel | None = None
-
-
-class SessionUpdateEvent(_Lenient):
-    type: Literal["session.update"]
-    event_id: str | None = None
-    session: SessionModel
-
-
-class ContentModel(_Lenient):
-    type: str
-    text: str | None = None
-
-
-class ItemModel(_Lenient):
-    id: str | None = None
-    type: Literal["message"]
-    role: str
-    content: list[ContentModel] = Field(min_length=1)
-
-
-class ItemCreateEvent(_Lenient):
-    type: Literal["conversation.item.create"]
-    event_id: str | None = None
-    previous_item_id: str | None = None
-    item: ItemModel
-
-
-class ResponseParamsModel(_Lenient):
-    max_output_tokens: int | Literal["inf"] | None = None
-    instructions: str | None = None
-
-
-class ResponseCreateEvent(_Lenient):
-    type: Literal["response.create"]
-    event_id: str | None = None
-    response: ResponseParamsModel | None = None
-
-
-class AppendEvent(_Lenient):
-    type: Literal["input_audio_buffer.append"]
-    event_id: str | None = None
-    audio: str
-
-
-class SimpleEvent(_Lenient):
-    type: str
-    event_id: str | None = None
-
-
-class ResponseCancelEvent(_Lenient):
-    type: Literal["response.cancel"]
-    event_id: str | None = None
-    response_id: str | None = None
-
-
-CLIENT_EVENTS: dict[str, type[BaseModel]] = {
-    "session.update": SessionUpdateEvent,
-    "input_audio_buffer.append": AppendEvent,
-    "input_audio_buffer.commit": SimpleEvent,
-    "input_audio_buffer.clear": SimpleEvent,
-    "conversation.item.create": ItemCreateEvent,
-    "response.create": ResponseCreateEvent,
-    "response.cancel": ResponseCancelEvent,
-}
-
-
-def _param_from(errors: list[dict]) -> str | None:
-    locs = [tuple(str(x) for x in e["loc"]) for e in errors]
-    if not locs:
-        return None
-    common: list[str] = []
-    if len(locs) > 1:
-        for parts in zip(*locs, strict=False):
-            if len(set(parts)) != 1:
-                break
-            common.append(parts[0])
-    loc = common or list(locs[0])
-    return ".".join(loc) or None
-
-
-def parse_client_event(text: str | bytes) -> BaseModel:
-    """A validated client event, or ProtocolError (invalid_json, invalid_event, unknown_event_type, invalid_value)."""
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError("invalid_json", f"message is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("invalid_event", "a client event must be a JSON object")
-    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
-    etype = data.get("type")
-    if not isinstance(etype, str):
-        raise ProtocolError("invalid_event", "the event has no string 'type'", param="type", event_id=event_id)
-    model = CLIENT_EVENTS.get(etype)
-    if model is None:
-        raise ProtocolError(
-            "unknown_event_type",
-            f"unknown or unsupported event type {etype!r}; supported: {', '.join(CLIENT_EVENTS)}",
-            param="type",
-            event_id=event_id,
-        )
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors(include_url=False)
-        first = errors[0]
-        param = _param_from(errors)
-        msg = f"invalid '{param}': {first['msg']}" if param else first["msg"]
-        raise ProtocolError("invalid_value", msg, param=param, event_id=event_id) from None
-
-
-def apply_session_update(s: SessionSettings, m: SessionModel, *, max_output_tokens_cap: int) -> SessionSettings:
-    """The settings after ``m``; raises ProtocolError (nothing changes) when a value is unsupported."""
-    changes: dict[str, Any] = {}
-    if m.type is not None and m.type != "realtime":
-        raise ProtocolError(
-            "unsupported_value", f"session type {m.type!r} is not supported (only 'realtime')", param="session.type"
-        )
-    if "instructions" in m.model_fields_set:
-        changes["instructions"] = m.instructions or None
-    if m.max_output_tokens is not None:
-        v = m.max_output_tokens
-        if v != "inf" and not 1 <= v <= max_output_tokens_cap:
-            raise ProtocolError(
-                "invalid_value",
-                f"max_output_tokens must be 'inf' or an integer from 1 to {max_output_tokens_cap}, got {v}",
-                param="session.max_output_tokens",
-            )
-        changes["max_output_tokens"] = v
-    if m.output_modalities is not None:
-        changes["output_modalities"] = tuple(dict.fromkeys(m.output_modalities))
-    audio = m.audio
-    if audio is not None and audio.input is not None:
-        inp = audio.input
-        if inp.format is not None:
-            changes["input_rate"] = _input_format(inp.format, s.input_rate, "session.audio.input.format")
-        if "turn_detection" in inp.model_fields_set:
-            td = inp.turn_detection
-            if td is None:
-                changes["turn_detection"] = None
-            elif td.type != "server_vad":
-                raise ProtocolError(
-                    "unsupported_value",
-                    f"turn_detection type {td.type!r} is not supported (use 'server_vad' or null)",
-                    param="session.audio.input.turn_detection.type",
-                )
-            else:
-                given = {k: v for k, v in td.model_dump(exclude={"type"}).items() if v is not None}
-                changes["turn_detection"] = TurnDetection(**given)
-    if audio is not None and audio.output is not None:
-        out = audio.output
-        if out.format is not None:
-            if out.format.type != "audio/pcm":
-                raise ProtocolError(
-                    "unsupported_audio_format",
-                    f"output audio format {out.format.type!r} is not supported (only 'audio/pcm')",
-                    param="session.audio.output.format.type",
-                )
-            if out.format.rate not in (None, OUTPUT_RATE):
-                raise ProtocolError(
-                    "unsupported_sample_rate",
-                    f"output audio is {OUTPUT_RATE} Hz PCM16, got rate {out.format.rate}",
-                    param="session.audio.output.format.rate",
-                )
-        if "voice" in out.model_fields_set:
-            changes["output_voice"] = out.voice
-    ext = m.lfm2audio
-    if ext is not None:
-        if ext.mode is not None:
-            changes["mode"] = ext.mode
-        if "voice" in ext.model_fields_set:
-            changes["voice"] = ext.voice or None
-        if ext.sampling is not None:
-            if "text" in ext.sampling.model_fields_set:
-                t = ext.sampling.text
-                changes["text_sampling"] = None if t is None else Sampling(t.temperature, t.top_k)
-            if "audio" in ext.sampling.model_fields_set:
-                a = ext.sampling.audio
-                changes["audio_sampling"] = None if a is None else Sampling(a.temperature, a.top_k)
-        if "seed" in ext.model_fields_set:
-            changes["seed"] = ext.seed
-        if "binary_input" in ext.model_fields_set:
-            bi = ext.binary_input
-            if bi is None:
-                changes["binary_input"] = None
-            elif bi.format == "pcm16":
-                rate = bi.rate if bi.rate is not None else changes.get("input_rate", s.input_rate)
-                _check_rate(rate, "session.lfm2audio.binary_input.rate")
-                changes["binary_input"] = ("pcm16", rate)
-            else:
-                changes["binary_input"] = ("opus", None)
-        if "binary_output" in ext.model_fields_set:
-            changes["binary_output"] = None if ext.binary_output is None else ext.binary_output.format
-    return replace(s, **changes)
-
-
-def _check_rate(rate: object, param: str) -> int:
-    if not isinstance(rate, int) or not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
-        raise ProtocolError(
-            "unsupported_sample_rate",
-            f"input sample rate must be an integer from {MIN_INPUT_RATE} to {MAX_INPUT_RATE} Hz, got {rate}",
-            param=param + ("" if param.endswith("rate") else ".rate"),
-        )
-    return rate
-
-
-def _input_format(f: AudioFormatModel, current: int, param: str) -> int:
-    if f.type != "audio/pcm":
-        raise ProtocolError(
-            "unsupported_audio_format",
-            f"input audio format {f.type!r} is not supported (only 'audio/pcm'; Opus goes in binary messages)",
-            param=param + ".type",
-        )
-    return current if f.rate is None else _check_rate(f.rate, param + ".rate")
-
-
-# Server events -------------------------------------------------------------------------------------
+# Events ---------------------------------------------------------------------------------------------
 
 
 def event(type: str, **fields: Any) -> dict:
@@ -468,23 +154,89 @@ def error_event(err: ProtocolError) -> dict:
     )
 
 
-def user_item(item_id: str, content: list[dict], status: str = "completed") -> dict:
+def item_object(item_id: str, role: Literal["user", "assistant"], content: list[dict], status: str) -> dict:
     return {
         "id": item_id,
         "object": "realtime.item",
         "type": "message",
-        "role": "user",
+        "role": role,
         "status": status,
         "content": content,
     }
 
 
-def assistant_item(item_id: str, content: list[dict], status: str) -> dict:
-    return {
-        "id": item_id,
-        "object": "realtime.item",
-        "type": "message",
-        "role": "assistant",
+# Responses ----------------------------------------------------------------------------------------
+
+
+def content_part(mode: str, text: str) -> tuple[dict, dict]:
+    """``(part, item content)`` of a response's one content part: text for ASR, audio with its
+    transcript otherwise."""
+    if mode == "asr":
+        return {"type": "text", "text": text}, {"type": "output_text", "text": text}
+    return {"type": "audio", "transcript": text}, {"type": "output_audio", "transcript": text}
+
+
+def content_event(type: str, response_id: str, item_id: str, **fields: Any) -> dict:
+    """An event about the one content part of a response's one output item."""
+    return event(type, response_id=response_id, item_id=item_id, output_index=0, content_index=0, **fields)
+
+
+def response_object(
+    response_id: str,
+    conversation_id: str,
+    status: str,
+    *,
+    sends_audio: bool,
+    max_output_tokens: int,
+    output: list[dict],
+    extension: dict,
+    status_details: dict | None = None,
+    usage: dict | None = None,
+    output_audio: dict | None = None,
+) -> dict:
+    """A response object; response.created's also names its ``output_audio`` (see ``output_audio``)."""
+    obj = {
+        "id": response_id,
+        "object": "realtime.response",
         "status": status,
-        "content": content,
+        "status_details": status_details,
+        "output": output,
+        "conversation_id": conversation_id,
+        "output_modalities": ["audio"] if sends_audio else ["text"],
+        "max_output_tokens": max_output_tokens,
+        "usage": usage,
+        "lfm2audio": extension,
+    }
+    if output_audio is not None:
+        obj["audio"] = {"output": output_audio}
+    return obj
+
+
+def final_status(status: str, reason: str | None, cancel_reason: str | None) -> tuple[str, str | None]:
+    """The engine's end of a response in OpenAI's terms: a cancel says why it was asked for, and a
+    completion cut off by the token limit is ``incomplete``."""
+    if status == "cancelled":
+        return status, cancel_reason or reason
+    if status == "completed" and reason == "max_output_tokens":
+        return "incomplete", reason
+    return status, reason
+
+
+def status_details(status: str, reason: str | None) -> dict | None:
+    if status == "failed":
+        return {"type": "failed", "error": {"type": "server_error", "code": "engine_error", "message": reason}}
+    if status == "completed":
+        return None
+    return {"type": status, "reason": reason}
+
+
+def usage_object(st: ResponseStats) -> dict:
+    input_tokens = st.prompt_positions + st.reused_positions
+    output_tokens = st.text_tokens + st.audio_frames
+    return {
+        "total_tokens": input_tokens + output_tokens,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "input_token_details": {"cached_tokens": st.reused_positions},
+        "output_token_details": {"text_tokens": st.text_tokens, "audio_tokens": st.audio_frames},
     }

@@ -11,7 +11,7 @@ from rt_client import serve
 @pytest.fixture(scope="session")
 def engine(checkpoint_dir: Path):
     """The real engine on the tiny golden checkpoint (shared by the servers of the whole run)."""
-    from lfm2audio_server.engine_api import Engine, EngineConfig
+    from lfm2audio.engine import Engine, EngineConfig
 
     eng = Engine.from_pretrained(checkpoint_dir, config=EngineConfig(max_sessions=8, max_context=2048))
     eng.start()
@@ -34,7 +34,7 @@ def tts_checkpoint(checkpoint_dir: Path, checkpoint_tts_dir: Path, tmp_path_fact
 
 @pytest.fixture(scope="session")
 def tts_engine(tts_checkpoint: Path):
-    from lfm2audio_server.engine_api import Engine, EngineConfig
+    from lfm2audio.engine import Engine, EngineConfig
 
     eng = Engine.from_pretrained(tts_checkpoint, config=EngineConfig(max_sessions=4, max_context=2048))
     eng.start()
