@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from live_server import espeak, tts_checkpoint
+from live_server import espeak
 
 import lfm2audio_client.audio
 from lfm2audio import wav as cli_wav
@@ -98,8 +98,8 @@ def test_chat_conversation_any_rate_and_mimi(tmp_path, checkpoint_dir, capsys):
         assert np.abs(y).max() > 0
 
 
-def test_tts_writes_speech(tmp_path, checkpoint_dir, checkpoint_tts_dir, golden, capsys):
-    folder = tts_checkpoint(checkpoint_dir, checkpoint_tts_dir, tmp_path / "tts")
+def test_tts_writes_speech(tmp_path, tts_checkpoint_dir, golden, capsys):
+    folder = tts_checkpoint_dir
     out = tmp_path / "out.wav"
     argv = ["tts", "The quick brown fox jumps over the lazy dog.", "--voice", "a calm female voice with clear diction."]
     rc = main([*argv, "-o", str(out), "--model", str(folder), "--greedy", "--max-new-tokens", "60"])

@@ -28,13 +28,13 @@ from deploy_helpers import (
     K8S_DIR,
     NGINX_TEMPLATE,
     REPO,
-    free_port,
     nginx_config_test,
     nginx_version,
     render_nginx_conf,
     render_template,
     running_nginx,
 )
+from live_server import free_port
 
 SERVER_PORT = 8000
 HF_HOME = "/data/hf"

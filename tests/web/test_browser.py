@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_server import LiveServer, espeak, start_engine
+from live_server import espeak, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("LFM2AUDIO_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
@@ -27,19 +27,6 @@ WAIT = 45.0  # seconds any one expectation may take
 # Speech from 0.4 s to ~2.4 s, then silence; Chromium loops the file (a cycle of about 6.5 s).
 SPOKEN = "Hello! Can you tell me a joke about computers?"
 LEAD_S, TAIL_S = 0.4, 4.0
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir: Path):
-    eng = start_engine(checkpoint_dir, max_sessions=6)
-    yield eng
-    eng.stop()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with LiveServer(engine) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +283,7 @@ def test_text_to_speech_mode_and_text_messages(page: Page):
 
 
 def test_api_key_and_connection_errors(browser, engine):
-    with LiveServer(engine, api_keys=("k-123_secret",)) as s:
+    with serve(engine, api_keys=("k-123_secret",)) as s:
         p = Page(browser, s.http + "/")
         try:
             pg = p.page
