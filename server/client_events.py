@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lfm2audio.engine import OUTPUT_SAMPLE_RATE
 from lfm2audio_server.audio import MAX_INPUT_RATE, MIN_INPUT_RATE
-from lfm2audio_server.protocol import OUTPUT_RATE, ProtocolError
+from lfm2audio_server.protocol import ProtocolError
 from lfm2audio_server.settings import RealtimeSettings, Sampling, TurnDetection
 
 # Client event models -------------------------------------------------------------------------------
@@ -263,10 +264,10 @@ def apply_session_update(s: RealtimeSettings, m: SessionFields, *, max_output_to
                     f"output audio format {out.format.type!r} is not supported (only 'audio/pcm')",
                     param="session.audio.output.format.type",
                 )
-            if out.format.rate not in (None, OUTPUT_RATE):
+            if out.format.rate not in (None, OUTPUT_SAMPLE_RATE):
                 raise ProtocolError(
                     "unsupported_sample_rate",
-                    f"output audio is {OUTPUT_RATE} Hz PCM16, got rate {out.format.rate}",
+                    f"output audio is {OUTPUT_SAMPLE_RATE} Hz PCM16, got rate {out.format.rate}",
                     param="session.audio.output.format.rate",
                 )
         if "voice" in out.model_fields_set:

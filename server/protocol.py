@@ -19,8 +19,6 @@ from lfm2audio.engine import (
 )
 from lfm2audio_server.settings import RealtimeSettings, Sampling
 
-OUTPUT_RATE = OUTPUT_SAMPLE_RATE  # output audio is the model's 24 kHz PCM16
-
 # WebSocket close codes (see docs/protocol.md).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down
@@ -81,7 +79,7 @@ class ItemOrder:
 
 def output_audio(voice: Any) -> dict:
     """The output audio format (24 kHz PCM16) and OpenAI's voice setting (echoed, not used)."""
-    return {"format": {"type": "audio/pcm", "rate": OUTPUT_RATE}, "voice": voice}
+    return {"format": {"type": "audio/pcm", "rate": OUTPUT_SAMPLE_RATE}, "voice": voice}
 
 
 def _sampling_dict(s: Sampling) -> dict:

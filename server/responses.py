@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lfm2audio.engine import (
+    OUTPUT_SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     AudioFrame,
     EngineError,
@@ -36,7 +37,6 @@ from lfm2audio_server.audio import (
 from lfm2audio_server.metrics import Metrics
 from lfm2audio_server.outbox import Outbox
 from lfm2audio_server.protocol import (
-    OUTPUT_RATE,
     ItemOrder,
     ProtocolError,
     content_event,
@@ -55,7 +55,7 @@ from lfm2audio_server.settings import RealtimeSettings, resolve_max_tokens
 
 log = logging.getLogger("lfm2audio_server.session")
 
-FRAME_SECONDS = SAMPLES_PER_FRAME / OUTPUT_RATE
+FRAME_SECONDS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE
 
 
 @dataclass
@@ -72,7 +72,6 @@ class ResponseInFlight:
     max_output_tokens: int
     text: list[str] = field(default_factory=list)
     frames: int = 0  # frames sent (or, without audio output, generated)
-    text_deltas: int = 0
     first_audio: float | None = None
     first_token: float | None = None
     cancel_reason: str | None = None
@@ -226,7 +225,6 @@ class Responses:
         if not ev.text or self._muted(r):
             return
         r.text.append(ev.text)
-        r.text_deltas += 1
         kind = "response.output_text.delta" if r.mode == "asr" else "response.output_audio_transcript.delta"
         self.outbox.send(content_event(kind, r.id, r.item_id, delta=ev.text))
 
