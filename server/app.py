@@ -169,18 +169,8 @@ def create_app(
             key = find_key(request.headers, request.query_params)
             if not state.auth.check(key):
                 state.metrics.errors.labels("invalid_api_key").inc()
-                return JSONResponse(
-                    {
-                        "error": {
-                            "type": "invalid_request_error",
-                            "code": "invalid_api_key",
-                            "message": "missing or invalid API key",
-                            "param": None,
-                        }
-                    },
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+                body = {"error": P.error_object(_invalid_key())}
+                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
     @app.get("/health")
@@ -216,12 +206,7 @@ async def _refuse(ws: WebSocket, subprotocol: str | None, state: ServerState, co
     """A client-side problem (key, origin): accept only to say why, then close with ``code``.
     Browsers see neither the status nor the body of a refused handshake, but they do see a close reason."""
     _count_refusal(state, err)
-    try:
-        await ws.accept(subprotocol=subprotocol)
-        await ws.send_json(P.error_event(err))
-        await ws.close(code, err.code)
-    except Exception:
-        pass
+    await _accept_to_close(ws, subprotocol, code, err)
 
 
 async def _unavailable(
@@ -232,18 +217,27 @@ async def _unavailable(
     ``proxy_next_upstream http_503``). Without the ASGI denial-response extension: accept, send the error
     event, close with ``code``."""
     _count_refusal(state, err)
-    body = {"error": {"type": err.type, "code": err.code, "message": err.message, "param": None}}
+    body = {"error": P.error_object(err)}
     try:
         await ws.send_denial_response(JSONResponse(body, status_code=503, headers={"Retry-After": "1"}))
         return
     except RuntimeError:
         pass
+    await _accept_to_close(ws, subprotocol, code, err)
+
+
+async def _accept_to_close(ws: WebSocket, subprotocol: str | None, code: int, err: ProtocolError) -> None:
+    """Accept the WebSocket only to send ``err`` as an error event and close with ``code``."""
     try:
         await ws.accept(subprotocol=subprotocol)
         await ws.send_json(P.error_event(err))
         await ws.close(code, err.code)
     except Exception:
         pass
+
+
+def _invalid_key() -> ProtocolError:
+    return ProtocolError("invalid_api_key", "missing or invalid API key")
 
 
 def _count_refusal(state: ServerState, err: ProtocolError) -> None:
@@ -264,8 +258,7 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
         await _refuse(ws, subprotocol, state, CLOSE_POLICY, err)
         return
     if not state.auth.check(find_key(ws.headers, ws.query_params, offered)):
-        err = ProtocolError("invalid_api_key", "missing or invalid API key")
-        await _refuse(ws, subprotocol, state, CLOSE_POLICY, err)
+        await _refuse(ws, subprotocol, state, CLOSE_POLICY, _invalid_key())
         return
     if state.draining:
         err = ProtocolError("server_shutting_down", "the server is shutting down", type="server_error")

@@ -139,17 +139,12 @@ def event(type: str, **fields: Any) -> dict:
     return {"type": type, "event_id": new_id("event"), **fields}
 
 
+def error_object(err: ProtocolError) -> dict:
+    return {"type": err.type, "code": err.code, "message": err.message, "param": err.param}
+
+
 def error_event(err: ProtocolError) -> dict:
-    return event(
-        "error",
-        error={
-            "type": err.type,
-            "code": err.code,
-            "message": err.message,
-            "param": err.param,
-            "event_id": err.event_id,
-        },
-    )
+    return event("error", error={**error_object(err), "event_id": err.event_id})
 
 
 def item_object(item_id: str, role: Literal["user", "assistant"], content: list[dict], status: str) -> dict:
