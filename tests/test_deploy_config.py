@@ -220,7 +220,7 @@ def test_dockerignore_keeps_the_context_to_the_packages():
         "bench/results/x.json",
         "docs/deployment.md",
         "docker/compose.yaml",
-        "test-artifacts/x.wav",
+        "tests/artifacts/x.wav",
         "lfm2audio/__pycache__/model.cpython-312.pyc",
         "lfm2audio/model.pyc",
         "lfm2audio.egg-info/PKG-INFO",

@@ -3,8 +3,8 @@
 Chromium comes from Debian (``apt-get install -y chromium``), driven by Playwright for Python with
 ``executable_path`` (never ``playwright install``). Its fake microphone plays a WAV spoken by
 espeak-ng (``apt-get install -y espeak-ng``), looped: speech, then silence. The server runs the real
-engine on the tiny golden checkpoint on 127.0.0.1. Screenshots go to ``test-artifacts/`` in the
-repository root (``LFM2AUDIO_TEST_ARTIFACTS`` overrides).
+engine on the tiny golden checkpoint on 127.0.0.1. Screenshots go to ``tests/artifacts/`` (ignored
+by git; ``LFM2AUDIO_TEST_ARTIFACTS`` overrides), so that the top level keeps to the design card.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from live_server import espeak, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("LFM2AUDIO_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("LFM2AUDIO_TEST_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
 CHROMIUM = os.environ.get("LFM2AUDIO_CHROMIUM", "/usr/bin/chromium")
 PHONE = {"width": 390, "height": 844}
 WAIT = 45.0  # seconds any one expectation may take
