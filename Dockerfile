@@ -61,8 +61,8 @@ RUN if [ "$VARIANT" = cpu ]; then torch_index="$TORCH_CPU_INDEX"; else torch_ind
     && python -c "import sys, torch; cpu = sys.argv[1] == 'cpu'; assert (torch.version.cuda is None) == cpu, (torch.__version__, torch.version.cuda)" "$VARIANT" \
     && rm /tmp/requirements.txt /tmp/constraints.txt
 
-# The source (the .dockerignore lets only the packages, pyproject.toml, README.md, LICENSE and the web
-# client clients/web through).
+# The source (the .dockerignore lets only the packages lfm2audio/, server/ and clients/python/, plus
+# pyproject.toml, README.md, LICENSE and the web client clients/web through).
 COPY . ./
 RUN pip install --no-cache-dir --no-deps . \
     && pip check \

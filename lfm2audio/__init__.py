@@ -4,11 +4,12 @@ The public API mirrors liquid-audio's: change ``from liquid_audio import ...``
 to ``from lfm2audio import ...``.
 """
 
+from lfm2audio.audio_model import LFM2AudioModel
 from lfm2audio.chat import ChatState
 from lfm2audio.generation import ConversationCache
-from lfm2audio.model.lfm2_audio import LFM2AudioModel, LFMModality
 from lfm2audio.processor import LFM2AudioProcessor
 from lfm2audio.sampling import SamplingParams
+from lfm2audio.tokens import LFMModality
 
 __all__ = [
     "ChatState",

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lfm2audio.chat_template import BOS_TEXT, TURN_END, turn_header
 from lfm2audio.generation import ConversationCache
-from lfm2audio.model.lfm2_audio import LFMModality, mel_to_embedding_len
+from lfm2audio.model.lfm2_audio import mel_to_embedding_len
+from lfm2audio.tokens import LFMModality
 
 if TYPE_CHECKING:
     from lfm2audio.processor import LFM2AudioProcessor
@@ -43,7 +45,7 @@ class ChatState(Mapping):
         self.dtype = dtype
         self.cache: ConversationCache | None = ConversationCache() if keep_cache else None
         device = self.device
-        self.text = processor.text.encode("<|startoftext|>", add_special_tokens=False, return_tensors="pt").to(device)
+        self.text = processor.text.encode(BOS_TEXT, add_special_tokens=False, return_tensors="pt").to(device)
         self.audio_in = torch.empty((128, 0), device=device, dtype=dtype)
         self.audio_in_lens = torch.empty((0,), device=device, dtype=torch.long)
         self.audio_out = torch.empty((codebooks, 0), device=device, dtype=torch.long)
@@ -98,10 +100,10 @@ class ChatState(Mapping):
     def new_turn(self, role: Role) -> None:
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"role must be 'system', 'user' or 'assistant', got {role!r}")
-        self.add_text(f"<|im_start|>{role}\n")
+        self.add_text(turn_header(role))
 
     def end_turn(self) -> None:
-        self.add_text("<|im_end|>\n")
+        self.add_text(TURN_END)
 
     def append(self, text: Tensor, audio_out: Tensor, modality_flag: Tensor) -> None:
         """Append generated tokens: text (1, N_text), audio_out (codebooks, N_audio), flags (N,) or (1, N)."""

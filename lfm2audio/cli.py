@@ -152,7 +152,7 @@ def decode_audio(loaded: Loaded, frames: list[Any]) -> Any:
 
 
 def read_audio(path: str) -> tuple[Any, int]:
-    from lfm2audio.client.audio import WavError, read_wav
+    from lfm2audio.wav import WavError, read_wav
 
     try:
         return read_wav(path)
@@ -237,7 +237,7 @@ def output_path(base: str | None, i: int, n: int) -> Path | None:
 
 
 def save(loaded: Loaded, turn: Turn, path: Path | None, quiet: bool) -> None:
-    from lfm2audio.client.audio import write_wav
+    from lfm2audio.wav import write_wav
 
     if path is None:
         return

@@ -17,18 +17,11 @@ import torch
 from torch import Tensor
 
 from lfm2audio.model.lfm2 import LFM2Cache
-from lfm2audio.model.lfm2_audio import (
-    AUDIO_START,
-    END_OF_AUDIO,
-    IM_END,
-    TEXT_END,
-    LFM2AudioModel,
-    LFMModality,
-    check_inputs,
-)
-from lfm2audio.sampling import SamplingParams, sample
+from lfm2audio.model.lfm2_audio import LFM2AudioNetwork, check_inputs
+from lfm2audio.sampling import TEXT_LANE, RowSampling, SamplingParams, sample
+from lfm2audio.tokens import AUDIO_START, END_OF_AUDIO, IM_END, TEXT_END, LFMModality
 
-Mode = Literal["interleaved", "sequential"]
+GenerationMode = Literal["interleaved", "sequential"]
 
 _INPUT_NAMES = ("text", "audio_in", "audio_in_lens", "audio_out", "modality_flag")
 
@@ -49,7 +42,7 @@ class TurnDecoder:
     an end-of-audio frame; <|im_end|> is emitted and ends the turn.
     """
 
-    def __init__(self, mode: Mode, n_text: int, n_audio: int) -> None:
+    def __init__(self, mode: GenerationMode, n_text: int, n_audio: int) -> None:
         if mode not in ("interleaved", "sequential"):
             raise ValueError(f"mode must be 'interleaved' or 'sequential', got {mode!r}")
         self.mode = mode
@@ -82,15 +75,18 @@ class TurnDecoder:
             self.left = self.n_audio
         return True
 
-    def on_audio(self, frame: Tensor) -> Tensor:
-        """Account for a sampled frame (codebooks,); returns the frame to emit (end-of-audio fills it)."""
+    def on_audio(self, first_code: int) -> bool:
+        """Account for a sampled frame by its codebook-0 code; True for an end-of-audio frame.
+
+        The caller emits an end-of-audio frame with every code set to END_OF_AUDIO.
+        """
         if self.mode == "interleaved" and self.left == 0 and not self.text_done:
             self.modality = LFMModality.TEXT
             self.left = self.n_text
-        if int(frame[0]) == END_OF_AUDIO:
-            frame = torch.full_like(frame, END_OF_AUDIO)
+        if first_code == END_OF_AUDIO:
             self.modality = LFMModality.TEXT
-        return frame
+            return True
+        return False
 
 
 @dataclass
@@ -158,7 +154,7 @@ class ConversationCache:
             self.audio_out.append(value.cpu().clone())
 
 
-def ensure_capacity(model: LFM2AudioModel, cache: LFM2Cache | None, needed: int) -> LFM2Cache:
+def ensure_capacity(model: LFM2AudioNetwork, cache: LFM2Cache | None, needed: int) -> LFM2Cache:
     """A cache with room for ``needed`` positions, reusing (and copying) ``cache`` when there is one."""
     if cache is not None and cache.max_len >= needed:
         return cache
@@ -170,7 +166,7 @@ def ensure_capacity(model: LFM2AudioModel, cache: LFM2Cache | None, needed: int)
 
 
 def _new_embeddings(
-    model: LFM2AudioModel,
+    model: LFM2AudioNetwork,
     conv: ConversationCache,
     text: Tensor,
     audio_in: Tensor,
@@ -191,8 +187,8 @@ def _new_embeddings(
 
 
 def generate(
-    model: LFM2AudioModel,
-    mode: Mode,
+    model: LFM2AudioNetwork,
+    mode: GenerationMode,
     text: Tensor,
     audio_in: Tensor,
     audio_in_lens: Tensor,
@@ -203,26 +199,51 @@ def generate(
     audio_params: SamplingParams,
     generator: torch.Generator | None = None,
     conversation: ConversationCache | None = None,
+    seed: int | None = None,
 ) -> Iterator[Tensor]:
-    """Validate now (errors surface at the call, not at the first ``next``), then stream."""
+    """Validate now (errors surface at the call, not at the first ``next``), then stream.
+
+    ``seed`` selects the counter-based draws the batched engine uses (the same
+    seed gives the engine's stream); ``generator`` (or torch's global RNG)
+    draws as the reference does. Give at most one of them.
+    """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
     check_inputs(model.codebooks, text, audio_in, audio_in_lens, audio_out, modality_flag)
     return _stream(
         model, mode, (text, audio_in, audio_in_lens, audio_out, modality_flag), max_new_tokens,
-        text_params, audio_params, generator, conversation,
+        text_params, audio_params, generator, conversation, seed,
     )  # fmt: skip
 
 
+class _SeededDraws:
+    """Counter-based draws of one stream: step ``i`` of the turn is counter ``i``, as in the engine."""
+
+    def __init__(self, model: LFM2AudioNetwork, seed: int, text: SamplingParams, audio: SamplingParams) -> None:
+        dev = model.device
+        self.text = RowSampling.build([text], [seed], [0], model.config.lfm.vocab_size, dev)
+        self.audio = RowSampling.build([audio], [seed], [0], model.config.audio_vocab_size, dev)
+
+    def at(self, step: int) -> _SeededDraws:
+        self.text.counters.fill_(step)
+        self.audio.counters.fill_(step)
+        return self
+
+
 def _stream(
-    model: LFM2AudioModel,
-    mode: Mode,
+    model: LFM2AudioNetwork,
+    mode: GenerationMode,
     inputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
     max_new_tokens: int,
     text_params: SamplingParams,
     audio_params: SamplingParams,
     generator: torch.Generator | None,
     conversation: ConversationCache | None,
+    seed: int | None = None,
 ) -> Iterator[Tensor]:
     modality_flag = inputs[4]
     conv = conversation if conversation is not None else ConversationCache()
@@ -238,8 +259,9 @@ def _stream(
         conv.record_inputs(*inputs)
         decoder = TurnDecoder(mode, model.config.interleaved_n_text, model.config.interleaved_n_audio)
         pending: tuple[LFMModality, Tensor] | None = None
+        draws = _SeededDraws(model, seed, text_params, audio_params) if seed is not None else None
 
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         with torch.inference_mode():
             if pending is not None:
                 conv.record_token(*pending)
@@ -247,13 +269,20 @@ def _stream(
             h = hidden[:, -1]
             modality = decoder.begin_step()
             if modality == LFMModality.TEXT:
-                token = sample(model.text_logits(h), text_params, generator)  # (1,)
+                logits = model.text_logits(h)
+                if draws is not None:
+                    token = draws.at(step).text.sample(logits, TEXT_LANE)
+                else:
+                    token = sample(logits, text_params, generator)  # (1,)
                 emit = decoder.on_text(int(token))
                 out = token.view(1)
                 emb = model.embed_text(token).view(1, 1, -1)
             else:
-                frame = model.sample_audio_frame(h, audio_params, generator)[0]
-                out = decoder.on_audio(frame)
+                if draws is not None:
+                    frame = model.sample_audio_frame_rows(h, draws.at(step).audio)[0]
+                else:
+                    frame = model.sample_audio_frame(h, audio_params, generator)[0]
+                out = torch.full_like(frame, END_OF_AUDIO) if decoder.on_audio(int(frame[0])) else frame
                 emit = True
                 emb = model.embed_audio_frames(out).view(1, 1, -1)
             pending = (modality, out)

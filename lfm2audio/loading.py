@@ -11,12 +11,14 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from lfm2audio.config import LFM2AudioConfig
+from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
 from lfm2audio.model.quantize import (
     DEFAULT_GROUP_SIZE,
     Quantize,
@@ -25,6 +27,8 @@ from lfm2audio.model.quantize import (
     quantized_linear,
     quantized_module_names,
 )
+
+N = TypeVar("N", bound=LFM2AudioNetwork)
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +212,15 @@ def load_model(
     revision: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    cls: type[N] = LFM2AudioNetwork,  # type: ignore[assignment]
     quantize: Quantize | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
-):
-    """Build an ``LFM2AudioModel`` from a folder or Hub repo in the official layout.
+) -> N:
+    """Build ``cls`` (the network or a subclass) from a folder or Hub repo in the official layout.
 
     ``quantize`` ("int8" or "int4", CPU only) quantizes the backbone's and the audio head's linear
     layers while loading (see ``lfm2audio.model.quantize``); ``group_size`` is int4's group width.
     """
-    from lfm2audio.model.lfm2_audio import LFM2AudioModel
 
     dev = default_device(device)
     check_quantize(quantize, dev)
@@ -225,7 +229,7 @@ def load_model(
     dt = default_dtype(dev, dtype)
     path = safetensors_path(folder, MODEL_FILE)
     with torch.device("meta"):
-        model = LFM2AudioModel(config)
+        model = cls(config)
     load_into_meta_model(model, path, device=dev, dtype=dt, quantize=quantize, group_size=group_size)
     model.retie()
     if quantize:

@@ -41,6 +41,13 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    @property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: no token covers more of a text than this."""
+        if not hasattr(self, "_max_chars"):
+            self._max_chars = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_chars
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -123,12 +123,6 @@ def nginx_config_test(conf: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(nginx_command(conf, "-t"), capture_output=True, text=True, timeout=60)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while True:

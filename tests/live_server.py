@@ -1,7 +1,8 @@
-"""Helpers of the client and browser tests: a real server (uvicorn in a thread) on 127.0.0.1 and real speech.
+"""Helpers of every test that talks to a server: a real server (uvicorn in a thread) on 127.0.0.1, the
+engine it runs (the real one, on the tiny golden checkpoints), and real speech.
 
-The server runs the real engine on the tiny golden checkpoint; speech comes from espeak-ng
-(``apt-get install espeak-ng``), which these tests require rather than skip without.
+Speech comes from espeak-ng (``apt-get install espeak-ng``), which these tests require rather than skip
+without. The fixtures built on these (``engine``, ``server``, ``tts_engine``, ...) are in conftest.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +23,35 @@ TIMEOUT = 60.0
 
 
 class LiveServer:
-    """``lfm2audio_server``'s app served by uvicorn in a thread, on a free port of 127.0.0.1."""
+    """``lfm2audio_server``'s app served by uvicorn in a thread, on a socket bound to a free port of
+    127.0.0.1; a context manager (started on entry, stopped on exit)."""
 
-    def __init__(self, engine: Any, **overrides: Any) -> None:
+    def __init__(self, app: Any, config: Any, *, sndbuf: int | None = None) -> None:
         import uvicorn
 
-        from lfm2audio_server.app import create_app
         from lfm2audio_server.cli import uvicorn_config
-        from lfm2audio_server.config import ServerConfig
 
-        config = ServerConfig(model="golden-tiny", **overrides)
-        self.app = create_app(config, engine=engine)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sndbuf is not None:  # accepted sockets inherit it: lets a test fill the pipe quickly
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         self.sock = sock
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(
-            uvicorn_config(self.app, config, host="127.0.0.1", port=self.port, log_level="warning")
-        )
+        self.app = app
+        self.state = app.state.server
+        self.server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The realtime WebSocket."""
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
@@ -65,12 +68,40 @@ class LiveServer:
         self.sock.close()
 
 
-def start_engine(checkpoint: Path, *, max_sessions: int = 4) -> Any:
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever *_proxy says
+
+
+def http_get(url: str, headers: dict | None = None, *, timeout: float = 30.0) -> tuple[int, bytes]:
+    """GET with the standard library: (status, body), HTTP errors included."""
+    try:
+        with _NO_PROXY.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def serve(engine: Any, **overrides: Any) -> LiveServer:
+    """A server on ``engine`` (already started; left running) with ``ServerConfig`` ``overrides``."""
+    from lfm2audio_server.app import create_app
+    from lfm2audio_server.config import ServerConfig
+
+    config = ServerConfig(model="golden-tiny", **overrides)
+    return LiveServer(create_app(config, engine=engine), config)
+
+
+def start_engine(checkpoint: Path, *, max_sessions: int, warmup: bool = True) -> Any:
     from lfm2audio.engine import Engine, EngineConfig
 
     engine = Engine.from_pretrained(checkpoint, config=EngineConfig(max_sessions=max_sessions, max_context=2048))
     engine.start()
-    engine.warmup()
+    if warmup:
+        engine.warmup()
     return engine
 
 
@@ -90,7 +121,7 @@ def espeak(text: str, path: Path, *, lead_s: float = 0.0, tail_s: float = 0.0, r
 
     ``rate`` resamples (soxr) to that rate; the default keeps espeak-ng's 22050 Hz.
     """
-    from lfm2audio.client.audio import read_wav, resample, to_mono, write_wav
+    from lfm2audio_client.audio import read_wav, resample, to_mono, write_wav
 
     exe = shutil.which("espeak-ng")
     if exe is None:

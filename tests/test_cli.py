@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from live_server import espeak, tts_checkpoint
+from live_server import espeak
 
+import lfm2audio_client.audio
+from lfm2audio import wav as cli_wav
 from lfm2audio.cli import main
-from lfm2audio.client.audio import read_wav, write_wav
+from lfm2audio.wav import read_wav, write_wav
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,8 +98,8 @@ def test_chat_conversation_any_rate_and_mimi(tmp_path, checkpoint_dir, capsys):
         assert np.abs(y).max() > 0
 
 
-def test_tts_writes_speech(tmp_path, checkpoint_dir, checkpoint_tts_dir, golden, capsys):
-    folder = tts_checkpoint(checkpoint_dir, checkpoint_tts_dir, tmp_path / "tts")
+def test_tts_writes_speech(tmp_path, tts_checkpoint_dir, golden, capsys):
+    folder = tts_checkpoint_dir
     out = tmp_path / "out.wav"
     argv = ["tts", "The quick brown fox jumps over the lazy dog.", "--voice", "a calm female voice with clear diction."]
     rc = main([*argv, "-o", str(out), "--model", str(folder), "--greedy", "--max-new-tokens", "60"])
@@ -125,9 +127,14 @@ def test_errors_are_one_line(tmp_path, checkpoint_dir, capsys):
         main(["tts", "hello"])  # -o is required
 
 
-def test_wav_formats_round_trip(tmp_path):
+# The offline CLI and the Python client each keep their own WAV reader (neither package depends on
+# the other): both must read the same files.
+@pytest.mark.parametrize("wav", [cli_wav, lfm2audio_client.audio], ids=["cli", "client"])
+def test_wav_formats_round_trip(tmp_path, wav):
     import struct
     import wave
+
+    read_wav, write_wav = wav.read_wav, wav.write_wav
 
     rng = np.random.default_rng(0)
     x = (rng.uniform(-0.9, 0.9, (2, 1000))).astype(np.float32)

@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from live_server import LiveServer, espeak, start_engine, tts_checkpoint
+from live_server import espeak, serve
 
-from lfm2audio.client import RealtimeClient, RealtimeError, Sampling, read_wav
-from lfm2audio.client.audio import float_to_pcm16, resample, to_mono
-from lfm2audio.client.cli import main
-from lfm2audio.client.live import converse
+from lfm2audio_client import RealtimeClient, RealtimeError, Sampling, read_wav
+from lfm2audio_client.audio import float_to_pcm16, resample, to_mono
+from lfm2audio_client.cli import main
+from lfm2audio_client.live import converse
 
 GREEDY = Sampling(temperature=0)
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir: Path):
-    eng = start_engine(checkpoint_dir)
-    yield eng
-    eng.stop()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with LiveServer(engine) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +28,7 @@ def speech(tmp_path_factory) -> Path:
 
 def test_chat_turn_streams_text_and_audio(server, speech):
     async def go():
-        async with await RealtimeClient.connect(server.ws) as c:
+        async with await RealtimeClient.connect(server.url) as c:
             session = await c.configure(mode="chat", max_output_tokens=40, text_sampling=GREEDY, audio_sampling=GREEDY)
             assert session["lfm2audio"]["binary_input"] == {"format": "pcm16", "rate": 16_000}
             assert session["lfm2audio"]["binary_output"] == {"format": "pcm16"}
@@ -68,7 +57,7 @@ def test_chat_turn_streams_text_and_audio(server, speech):
 
 def test_asr_and_errors(server, speech):
     async def go():
-        async with await RealtimeClient.connect(server.ws) as c:
+        async with await RealtimeClient.connect(server.url) as c:
             await c.configure(mode="asr", max_output_tokens=10, text_sampling=GREEDY)
             x, sr = read_wav(speech)
             await c.send_audio(to_mono(x), sr)
@@ -93,13 +82,13 @@ def test_api_key(engine, speech):
         async with await RealtimeClient.connect(url, api_key="s3cret") as c:
             await c.configure(mode="asr")
 
-    with LiveServer(engine, api_keys=("s3cret",)) as s:
-        asyncio.run(go(s.ws))
+    with serve(engine, api_keys=("s3cret",)) as s:
+        asyncio.run(go(s.url))
 
 
 def test_cli_chat_and_asr(server, speech, tmp_path, capsys):
     out = tmp_path / "reply.wav"
-    argv = ["chat", str(speech), str(speech), "--url", server.ws, "-o", str(out), "--max-output-tokens", "30"]
+    argv = ["chat", str(speech), str(speech), "--url", server.url, "-o", str(out), "--max-output-tokens", "30"]
     assert main([*argv, "--text-temperature", "0", "--audio-temperature", "0"]) == 0
     cap = capsys.readouterr()
     assert cap.out.count("assistant: ") == 2 and len(cap.out) > 30
@@ -108,26 +97,63 @@ def test_cli_chat_and_asr(server, speech, tmp_path, capsys):
         y, rate = read_wav(tmp_path / name)
         assert rate == 24_000 and y.shape[1] > 0 and y.shape[1] % 1920 == 0
 
-    assert main(["asr", str(speech), "--url", server.ws, "--max-output-tokens", "8", "-q"]) == 0
+    assert main(["asr", str(speech), "--url", server.url, "--max-output-tokens", "8", "-q"]) == 0
     cap = capsys.readouterr()
     assert cap.out.strip() and cap.err == ""
 
-    assert main(["chat", "--url", server.ws]) == 2  # neither files nor --mic
-    assert main(["chat", str(tmp_path / "nope.wav"), "--url", server.ws]) == 2
+    assert main(["chat", "--url", server.url]) == 2  # neither files nor --mic
+    assert main(["chat", str(tmp_path / "nope.wav"), "--url", server.url]) == 2
     assert main(["asr", str(speech), "--url", "ws://127.0.0.1:9/v1/realtime"]) == 1
     assert "cannot connect" in capsys.readouterr().err
 
 
-def test_cli_tts(checkpoint_dir, checkpoint_tts_dir, tmp_path, capsys):
-    engine = start_engine(tts_checkpoint(checkpoint_dir, checkpoint_tts_dir, tmp_path / "ckpt"), max_sessions=2)
-    try:
-        with LiveServer(engine) as s:
-            out = tmp_path / "hello.wav"
-            argv = ["tts", "The quick brown fox jumps over the lazy dog.", "--voice", "A calm female voice."]
-            argv += ["--url", s.ws, "-o", str(out), "--max-output-tokens", "40", "--audio-temperature", "0"]
-            assert main([*argv, "--text-temperature", "0"]) == 0
-    finally:
-        engine.stop()
+# Run in a fresh interpreter whose import system refuses torch and the packages that need it: the
+# client (a separate package from the model library) must import and work without them.
+_WITHOUT_TORCH = """
+import sys
+
+class _Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "lfm2audio", "lfm2audio_server"):
+            raise ImportError(f"the Python client imported {name}")
+
+sys.meta_path.insert(0, _Refuse())
+"""
+
+
+def _without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH + code, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_client_imports_without_torch():
+    r = _without_torch(
+        "import lfm2audio_client, lfm2audio_client.audio, lfm2audio_client.cli, lfm2audio_client.live, "
+        "lfm2audio_client.realtime\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'lfm2audio')], sorted(sys.modules)\n"
+        "print('imported')"
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "imported", r.stderr
+    # The guard itself works: importing torch in that interpreter fails.
+    r = _without_torch("import torch")
+    assert r.returncode != 0 and "the Python client imported torch" in r.stderr
+
+
+def test_cli_without_torch_talks_to_the_server(server, speech):
+    r = _without_torch(
+        "from lfm2audio_client.cli import main\nsys.exit(main(sys.argv[1:]))",
+        *["asr", str(speech), "--url", server.url, "--max-output-tokens", "8", "-q"],
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and r.stderr == ""
+
+
+def test_cli_tts(tts_server, tmp_path, capsys):
+    out = tmp_path / "hello.wav"
+    argv = ["tts", "The quick brown fox jumps over the lazy dog.", "--voice", "A calm female voice."]
+    argv += ["--url", tts_server.url, "-o", str(out), "--max-output-tokens", "40", "--audio-temperature", "0"]
+    assert main([*argv, "--text-temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "mode tts" in err and "s audio" in err
     y, rate = read_wav(out)
@@ -138,7 +164,7 @@ def test_cli_mic_needs_sounddevice(server, capsys, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # as if not installed
-    assert main(["chat", "--mic", "--url", server.ws, "--no-playback"]) == 1
+    assert main(["chat", "--mic", "--url", server.url, "--no-playback"]) == 1
     assert "sounddevice" in capsys.readouterr().err
 
 
@@ -161,7 +187,7 @@ def test_hands_free_conversation_with_barge_in(server, speech):
     block = 320  # 20 ms, as a microphone delivers them
 
     async def go():
-        async with await RealtimeClient.connect(server.ws) as c:
+        async with await RealtimeClient.connect(server.url) as c:
             await c.configure(
                 mode="chat",
                 max_output_tokens="inf",  # the first reply is still going when the user speaks again
@@ -208,8 +234,8 @@ def test_session_limit_is_reported(engine):
                 await RealtimeClient.connect(url)
             assert e.value.code == "session_limit_reached"
 
-    with LiveServer(engine, max_sessions=1) as s:
-        asyncio.run(go(s.ws))
+    with serve(engine, max_sessions=1) as s:
+        asyncio.run(go(s.url))
 
 
 def test_converse_ends_after_its_source(server, speech):
@@ -223,7 +249,7 @@ def test_converse_ends_after_its_source(server, speech):
             await asyncio.sleep(0.04)
 
     async def go():
-        async with await RealtimeClient.connect(server.ws) as c:
+        async with await RealtimeClient.connect(server.url) as c:
             await c.configure(mode="asr", max_output_tokens=8, server_vad={"silence_duration_ms": 300})
             return await asyncio.wait_for(converse(c, source()), 60)
 

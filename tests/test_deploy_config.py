@@ -28,13 +28,13 @@ from deploy_helpers import (
     K8S_DIR,
     NGINX_TEMPLATE,
     REPO,
-    free_port,
     nginx_config_test,
     nginx_version,
     render_nginx_conf,
     render_template,
     running_nginx,
 )
+from live_server import free_port
 
 SERVER_PORT = 8000
 HF_HOME = "/data/hf"
@@ -205,8 +205,9 @@ def test_dockerignore_keeps_the_context_to_the_packages():
         "LICENSE",
         "lfm2audio/__init__.py",
         "lfm2audio/codec/mimi.py",
-        "lfm2audio_server/__init__.py",
-        "lfm2audio_server/app.py",
+        "server/__init__.py",
+        "server/app.py",
+        "clients/python/lfm2audio_client/__init__.py",
         "clients/web/index.html",
     ]
     for path in needed:
@@ -219,7 +220,7 @@ def test_dockerignore_keeps_the_context_to_the_packages():
         "bench/results/x.json",
         "docs/deployment.md",
         "docker/compose.yaml",
-        "test-artifacts/x.wav",
+        "tests/artifacts/x.wav",
         "lfm2audio/__pycache__/model.cpython-312.pyc",
         "lfm2audio/model.pyc",
         "lfm2audio.egg-info/PKG-INFO",
@@ -241,7 +242,15 @@ def test_dockerignore_keeps_the_context_to_the_packages():
 def test_dockerignore_against_the_working_tree():
     """Whatever is in the repository, only the packages, three top-level files and the web client get through."""
     rules = _dockerignore_rules()
-    allowed = ("pyproject.toml", "README.md", "LICENSE", "lfm2audio/", "lfm2audio_server/", "clients/web/")
+    allowed = (
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "lfm2audio/",
+        "server/",
+        "clients/python/lfm2audio_client/",
+        "clients/web/",
+    )
     skip_dirs = {".git", ".venv", ".venv-ci", "node_modules"}
     for folder, dirs, files in os.walk(REPO):
         rel_folder = Path(folder).relative_to(REPO)

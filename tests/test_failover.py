@@ -31,13 +31,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import websockets
-from deploy_helpers import REPO, free_port, running_nginx
+from deploy_helpers import REPO, running_nginx
+from live_server import free_port, http_get
 
 GRACE_S = 2.0  # --shutdown-grace of the replicas
 EXIT_MARGIN_S = 8.0  # on top of the grace: cancel (<= 2 s) and close (<= 3 s) waits of the drain, exit
@@ -99,7 +98,7 @@ class Replica:
         return f"127.0.0.1:{self.port}"
 
     def get(self, path: str) -> tuple[int, bytes]:
-        return http_get(self.port, path)
+        return http_get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
 
     def wait_ready(self, deadline: float) -> None:
         while True:
@@ -132,17 +131,6 @@ class Replica:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever *_proxy says
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with _NO_PROXY.open(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def metric(replica: Replica, name: str) -> float:
@@ -345,7 +333,9 @@ async def failover(lb_port: int, replicas: list[Replica]) -> int:
         assert victim.proc.poll() is None, "the victim exited before its grace period ended"
         during = [await open_session(f"during-drain-{i}") for i in range(2)]
         assert all(s.replica is survivor for s in during), "sessions opened while the victim drains go to the survivor"
-        assert (await asyncio.to_thread(http_get, lb_port, "/ready"))[0] == 200, "the balancer stays ready"
+        assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{lb_port}/ready", timeout=5))[0] == 200, (
+            "the balancer stays ready"
+        )
         assert doomed.closed_at is None, "the victim's response must get its grace period"
 
         # The victim's busy session: the response keeps streaming through its grace, then is cancelled
@@ -381,7 +371,7 @@ async def failover(lb_port: int, replicas: list[Replica]) -> int:
         # New sessions after the victim is gone (connection refused there): all on the survivor.
         after = [await open_session(f"after-exit-{i}") for i in range(3)]
         assert all(s.replica is survivor for s in after), [s.replica.name for s in after if s.replica]
-        assert (await asyncio.to_thread(http_get, lb_port, "/ready"))[0] == 200
+        assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{lb_port}/ready", timeout=5))[0] == 200
 
         # 3. Every session placed after the kill completes a turn, and so does the survivor's idle session s2
         # (a second turn on its kept conversation). after-exit-0 runs the survivor's turn without any failover:

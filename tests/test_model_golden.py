@@ -35,9 +35,10 @@ def test_chat_state_tensors(proc, golden, golden_index, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefill_and_backbone(proc, model, golden, golden_index, kind):
-    chat = build_state(proc, kind, golden["input.wave_user1"])
+    # The reference's own state tensors: our features are checked against theirs in test_chat_state_tensors,
+    # where a few bf16 roundings may legitimately differ on another CPU; this checks the model alone.
     with torch.inference_mode():
-        emb = model.embed_inputs(**{k: chat[k] for k in INPUT_NAMES})
+        emb = model.embed_inputs(**{k: golden[f"state.{kind}.{k}"] for k in INPUT_NAMES})
         assert_close_golden(emb, f"prefill.{kind}.embeddings", golden, golden_index)
         hidden, _ = model.lfm(golden[f"prefill.{kind}.embeddings"])
         assert_close_golden(hidden, f"backbone.{kind}.last_hidden_state", golden, golden_index)

@@ -126,11 +126,27 @@ class DetokenizerState:
     def tensors(self) -> list[Tensor]:
         return [*self.keys, *self.values, *self.conv, self.ola, self.env, self.frames]
 
-    def reset_rows(self, rows: Tensor | list[int]) -> None:
-        """Start the given rows afresh; the others are untouched."""
+    def reset_rows(self, rows: Tensor | list[int]) -> DetokenizerState:
+        """Start the given rows afresh; the others are untouched. Returns ``self``."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.frames.device)
         for t in self.tensors():
             t[idx] = 0
+        return self
+
+    def rows(self, start: int, stop: int) -> DetokenizerState:
+        """A view of rows [start, stop): stepping it updates this state in place."""
+        return DetokenizerState(
+            keys=[t[start:stop] for t in self.keys],
+            values=[t[start:stop] for t in self.values],
+            conv=[t[start:stop] for t in self.conv],
+            ola=self.ola[start:stop],
+            env=self.env[start:stop],
+            frames=self.frames[start:stop],
+        )
+
+    def step_tensors(self) -> list[Tensor]:
+        """Every tensor a step rewrites for every row (batch first): restoring them undoes a step."""
+        return self.tensors()
 
     def select(self, rows: Tensor | list[int]) -> DetokenizerState:
         """A new state holding copies of the given rows, in that order."""
@@ -265,13 +281,18 @@ class AudioDetokenizer(nn.Module):
         return attn.out_proj(out.transpose(1, 2).reshape(B, U, -1))
 
     @torch.inference_mode()
-    def decode_step(self, codes: Tensor, state: DetokenizerState) -> tuple[Tensor, DetokenizerState]:
+    def decode_step(
+        self, codes: Tensor, state: DetokenizerState, *, check: bool = True
+    ) -> tuple[Tensor, DetokenizerState]:
         """One frame per row: codes (B, 8) -> pcm (B, 1920) float32, lagging the clip by 480 samples.
 
         ``state`` is updated in place and returned. A row's first chunk starts
         with ``LATENCY_SAMPLES`` zeros; call ``flush`` at the end of a stream.
+        ``check=False`` skips validating the codes (a device-to-host read): for
+        callers that clamp them already.
         """
-        check_codes(codes, 2)
+        if check:
+            check_codes(codes, 2)
         B = codes.shape[0]
         if state.batch_size != B:
             raise ValueError(f"state has {state.batch_size} rows but codes have {B}")

@@ -56,6 +56,24 @@ class MimiDecoderState:
         self.transformer.reset_rows(idx)
         return self
 
+    def rows(self, start: int, stop: int) -> MimiDecoderState:
+        """A view of rows [start, stop): stepping it updates this state in place."""
+        tr = self.transformer
+        window = KVWindow(
+            tr.keys[:, start:stop], tr.values[:, start:stop], tr.positions[start:stop], tr.offsets[start:stop]
+        )
+        return MimiDecoderState(self.upsample[start:stop], window, [t[start:stop] for t in self.decoder])
+
+    def step_tensors(self) -> list[Tensor]:
+        """The tensors (batch first) to restore to undo a step of some rows.
+
+        The KV window's keys, values and slot positions need no restoring: a row
+        that did not really step only overwrote the slot of its next position,
+        which its next real step writes again before attending to it (the
+        position that slot held had already left the attention window).
+        """
+        return [*self._tensors(), self.transformer.offsets]
+
     def select(self, rows: RowSelector) -> MimiDecoderState:
         """A new state holding only ``rows`` (in that order)."""
         idx = rows_to_index(rows, self.batch_size, self.upsample.device)

@@ -1,6 +1,7 @@
 """Batched multi-session engine: session pool, batched scheduler, event streams (no sockets here)."""
 
-from lfm2audio.engine.engine import Engine, EngineConfig
+from lfm2audio.engine.config import DEFAULT_PROMPTS, DEFAULT_SAMPLING, EngineConfig, SessionConfig, SessionMode
+from lfm2audio.engine.engine import Engine
 from lfm2audio.engine.events import (
     OUTPUT_SAMPLE_RATE,
     SAMPLES_PER_FRAME,
@@ -18,9 +19,14 @@ from lfm2audio.engine.events import (
     SessionEvent,
     TextDelta,
 )
-from lfm2audio.engine.session import Session, SessionConfig
+from lfm2audio.engine.prompt import ContextLimitError
+from lfm2audio.engine.session import Session
 
 __all__ = [
+    "DEFAULT_PROMPTS",
+    "DEFAULT_SAMPLING",
+    "ContextLimitError",
+    "SessionMode",
     "OUTPUT_SAMPLE_RATE",
     "SAMPLES_PER_FRAME",
     "AudioFrame",

@@ -7,77 +7,55 @@ would crash on) are clamped for decoding only: the history keeps what was drawn.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import torch
 from torch import Tensor
 
-from lfm2audio.engine.events import SAMPLES_PER_FRAME
-
-Decoder = Literal["auto", "mimi", "detokenizer"]
+from lfm2audio.codec.detokenizer import AudioDetokenizer, DetokenizerState
+from lfm2audio.codec.mimi import MimiCodec
+from lfm2audio.codec.state import MimiDecoderState
+from lfm2audio.engine.config import AudioDecoderChoice
+from lfm2audio.processor import LFM2AudioProcessor
+from lfm2audio.tokens import CODEBOOK_SIZE, SAMPLES_PER_FRAME
 
 
 class SlotAudioDecoder:
     """One batched streaming state whose row ``slot`` belongs to that slot's session."""
 
-    def __init__(self, codec: Any, kind: str, slots: int) -> None:
+    def __init__(self, codec: MimiCodec | AudioDetokenizer, kind: str, slots: int) -> None:
         self.codec = codec
         self.kind = kind
         self.slots = slots
-        self.state = codec.decoder_state(slots) if kind == "mimi" else codec.stream_state(slots)
+        self.state: MimiDecoderState | DetokenizerState = (
+            codec.decoder_state(slots) if isinstance(codec, MimiCodec) else codec.stream_state(slots)
+        )
 
     def reset(self, slot: int) -> None:
         self.state.reset_rows([slot])
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], codes: Tensor) -> Tensor:
-        """PCM (len(slots), 1920) float32 for frames ``codes`` (len(slots), 8), one batched step.
+    def step(self, codes: Tensor, advance: Tensor) -> Tensor:
+        """PCM (m, 1920) float32 for one frame of codes (m, 8) of rows [0, m); only rows with ``advance`` step.
 
-        Rows without a frame must not advance. The step runs on the prefix of rows
-        up to the highest speaking slot (a view: the codecs update their state in
-        place), and the silent rows inside it are put back from a copy; when most
-        of that prefix is silent, the speaking rows are gathered instead. Slots are
-        handed out lowest first, so usually nothing is copied at all.
+        The step runs on the prefix of rows as a view (the codecs update their
+        state in place); the state of rows that must not advance (silent slots,
+        end-of-audio frames) is put back from a copy taken first, chosen on the
+        device by the mask: a fixed sequence of ops, no host reads.
         """
-        codes = codes.clamp(0, 2047)
-        m = max(slots) + 1
-        idle = sorted(set(range(m)) - set(slots))
-        if len(idle) <= len(slots):
-            view = self._prefix(m)
-            saved = view.select(idle) if idle else None
-            full = torch.zeros((m, codes.shape[1]), dtype=codes.dtype, device=codes.device)
-            idx = torch.tensor(slots, dtype=torch.long, device=codes.device)
-            full[idx] = codes
-            pcm, _ = self.codec.decode_step(full, view)
-            if saved is not None:
-                view.assign_rows(idle, saved)
-            pcm = pcm.reshape(m, -1)[idx]
+        m = codes.shape[0]
+        view = self.state.rows(0, m)
+        guarded = view.step_tensors()
+        saved = [t.clone() for t in guarded]
+        codes = codes.clamp(0, CODEBOOK_SIZE - 1)
+        if isinstance(self.codec, MimiCodec):
+            pcm, _ = self.codec.decode_step(codes, view)  # type: ignore[arg-type]
         else:
-            sub = self.state.select(slots)
-            pcm, sub = self.codec.decode_step(codes, sub)
-            self.state.assign_rows(slots, sub)
-        return pcm.reshape(len(slots), -1)[:, :SAMPLES_PER_FRAME].float()
-
-    def _prefix(self, m: int) -> Any:
-        """Rows [0, m) of the state as views."""
-        st = self.state
-        if m == self.slots:
-            return st
-        if self.kind == "mimi":
-            tr = st.transformer
-            window = type(tr)(tr.keys[:, :m], tr.values[:, :m], tr.positions[:m], tr.offsets[:m])
-            return type(st)(st.upsample[:m], window, [t[:m] for t in st.decoder])
-        return type(st)(
-            keys=[t[:m] for t in st.keys],
-            values=[t[:m] for t in st.values],
-            conv=[t[:m] for t in st.conv],
-            ola=st.ola[:m],
-            env=st.env[:m],
-            frames=st.frames[:m],
-        )
+            pcm, _ = self.codec.decode_step(codes, view, check=False)  # type: ignore[arg-type]
+        for t, s in zip(guarded, saved, strict=True):
+            t.copy_(torch.where(advance.view(-1, *([1] * (t.dim() - 1))), t, s))
+        return pcm.reshape(m, -1)[:, :SAMPLES_PER_FRAME].float()
 
 
-def make_audio_decoder(processor: Any, choice: Decoder, slots: int) -> SlotAudioDecoder:
+def make_audio_decoder(processor: LFM2AudioProcessor, choice: AudioDecoderChoice, slots: int) -> SlotAudioDecoder:
     """The checkpoint's decoder: the detokenizer when it ships one (``auto``), else Mimi."""
     if choice not in ("auto", "mimi", "detokenizer"):
         raise ValueError(f"audio_decoder must be 'auto', 'mimi' or 'detokenizer', got {choice!r}")

@@ -1,39 +1,47 @@
 """The batched streaming engine: every active session advances together, one step at a time.
 
-One thread owns the model. Each step it
+One thread owns the model. Each step is plan -> run -> emit, as vLLM's engine
+core schedules, executes and updates:
 
-1. runs queued commands (new responses, cancels, closes) from other threads;
-2. prefills at most one chunk (``prefill_chunk`` positions) of one session's new
-   turn, so a long prompt delays everyone else's next frame by one chunk at most;
-3. runs ONE batched backbone forward for every session that is decoding, each
-   row at its own position (rows that are idle this step pass ``valid`` 0);
-4. samples text for the rows in text mode (tied-embedding logits) and runs one
-   batched depthformer pass for the rows in audio mode;
-5. decodes the new audio frames to PCM with each session's streaming decoder
-   and hands text deltas, audio frames and end-of-turn stats to the sessions'
-   event queues.
+* **plan** (``lfm2audio.engine.plan``): from host-side facts only, which
+  session prefills a chunk (at most ``prefill_chunk`` positions of one
+  session's new turn, so a long prompt delays everyone else's next frame by
+  one chunk at most), which rows feed their last token, which sample text
+  and which sample audio;
+* **run** (``lfm2audio.engine.step``): one batched backbone forward for every
+  decoding row, batched sampling, one batched depthformer pass for the audio
+  rows, one batched streaming-decoder step; a fixed sequence of tensor ops
+  whatever the batch holds, results copied to the host once;
+* **emit**: host-side bookkeeping (turn state machines, histories, text
+  detokenizing) and events to the sessions' queues.
+
+Work that depends on one request only (tokenizing, mel features, the audio
+encoder) runs on a separate prepare thread before the request reaches the
+step, so it never stalls other sessions' audio.
 
 Sessions live in slots of a preallocated pool: row ``slot`` of one ``LFM2Cache``
 holds a session's KV and conv state across turns. Slots are handed out lowest
-first, so the decoding batch is the prefix of rows up to the highest busy slot;
-its shapes depend only on that count, which keeps the step capturable (CUDA
-graphs / torch.compile) per batch-size bucket.
+first, so the batch is the prefix of rows up to the highest busy slot; its
+shapes depend only on that count (CUDA graphs are captured per bucket of it).
 
-Context limit policy: before a turn, if history + new turn + max_output_tokens
-would exceed ``max_context``, the oldest turns after the system prompt are
-dropped (a ``SessionEvent('history_truncated')`` says so) and the cache is
-rebuilt from the remaining history; a turn that cannot fit even alone fails
-with reason ``context_limit``. A response that reaches the limit while
-generating ends with status ``incomplete``.
+Context limit policy (``lfm2audio.engine.prompt.fit_turns``): before a turn,
+if history + new turn + max_output_tokens would exceed ``max_context``, the
+oldest turns after the system prompt are dropped (a
+``SessionEvent('history_truncated')`` says so) and the cache is rebuilt from
+the remaining history; a turn that cannot fit even alone fails with reason
+``context_limit``. A response that reaches the limit while generating ends
+with status ``incomplete``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +49,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lfm2audio.engine.audio_out import Decoder, make_audio_decoder
+from lfm2audio.audio_model import LFM2AudioModel
+from lfm2audio.engine.audio_out import make_audio_decoder
+from lfm2audio.engine.config import DEFAULT_SAMPLING, EngineConfig, SessionConfig
 from lfm2audio.engine.events import (
-    SAMPLES_PER_FRAME,
     AudioFrame,
     PoolFullError,
     ResponseDone,
@@ -52,29 +61,32 @@ from lfm2audio.engine.events import (
     TextDelta,
 )
 from lfm2audio.engine.history import History, Item, Turn, model_inputs
-from lfm2audio.engine.session import INPUT_SAMPLE_RATE, Session, SessionConfig
+from lfm2audio.engine.plan import RowState, StepPlan, plan_step
+from lfm2audio.engine.prompt import ContextLimitError, PromptBuilder, fit_turns
+from lfm2audio.engine.session import Session, UserPart
+from lfm2audio.engine.step import BatchStep, StepResult
 from lfm2audio.generation import TurnDecoder
-from lfm2audio.model.lfm2_audio import AUDIO_START, END_OF_AUDIO, LFM2AudioModel, LFMModality
+from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
 from lfm2audio.processor import LFM2AudioProcessor
-from lfm2audio.sampling import sample_rows
+from lfm2audio.sampling import row_top_k
 from lfm2audio.tokenizer import IncrementalDetokenizer
+from lfm2audio.tokens import AUDIO_START, OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, LFMModality
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_sessions: int = 8
-    max_context: int = 4096  # positions per session
-    prefill_chunk: int = 128  # positions prefilled per step
-    audio_decoder: Decoder = "auto"
-    max_input_seconds: float = 120.0  # buffered microphone audio per session
+@dataclass
+class _Request:
+    """A response request whose per-request work (items, embeddings) the prepare thread has done."""
 
-    def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_context", "prefill_chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    session: Session
+    id: str
+    config: SessionConfig
+    max_tokens: int
+    system: Turn
+    user: Turn | None
+    assistant: Turn
+    created: float
 
 
 @dataclass
@@ -83,13 +95,12 @@ class _Response:
     config: SessionConfig
     decoder: TurnDecoder
     max_tokens: int
-    generator: torch.Generator
     detok: IncrementalDetokenizer
     created: float
     prompt: Tensor  # (N, hidden) embeddings still to prefill
     offset: int = 0
     snapshot_at: int | None = None  # prompt offset where the system turn ends (asr/tts reuse it)
-    next_input: Tensor | None = None  # (hidden,) embedding of the last emitted token, fed next step
+    feeding: bool = False  # the last sampled token waits in the step's buffers to enter the cache
     steps: int = 0
     frames: int = 0
     text_tokens: int = 0
@@ -107,26 +118,37 @@ class _Slot:
     session: Session
     history: History = field(default_factory=History)
     cached_items: int = 0  # items of history.items() whose positions are in the cache
+    length: int = 0  # positions in the cache (host mirror of cache.lengths[slot])
     system_snapshot: tuple[str, Any, int] | None = None  # (prompt, conv tails + length, items)
     response: _Response | None = None
+    cancelled: set[str] = field(default_factory=set)  # ids cancelled before they started
 
 
 class Engine:
-    def __init__(self, model: LFM2AudioModel, processor: LFM2AudioProcessor, config: EngineConfig | None = None):
+    """Sessions, the engine thread, and the step loop (see the module docstring)."""
+
+    def __init__(self, model: LFM2AudioNetwork, processor: LFM2AudioProcessor, config: EngineConfig | None = None):
         self.model = model.eval()
         self.processor = processor
         self.config = config or EngineConfig()
         cfg = self.config
         self.cache = model.lfm.new_cache(cfg.max_sessions, cfg.max_context)
         self.audio = make_audio_decoder(processor, cfg.audio_decoder, cfg.max_sessions)
+        graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else model.device.type == "cuda"
+        if graphs and model.device.type != "cuda":
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        self.batch = BatchStep(model, self.cache, self.audio, cuda_graphs=graphs, bucketed=cfg.bucketed_rows)
+        self.prompts = PromptBuilder(model, processor, cfg.max_context)
         self._slots: list[_Slot | None] = [None] * cfg.max_sessions
         self._lock = threading.Lock()
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._prepare: ThreadPoolExecutor | None = None
         self._prefill_queue: deque[_Slot] = deque()
         self.steps = 0
+        self.last_step_s = 0.0  # wall time of the last step that ran the batch (for benches and metrics)
 
     @classmethod
     def from_pretrained(
@@ -146,8 +168,11 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="lfm2audio-engine", daemon=True)
+            self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lfm2audio-prepare")
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(ready,), name="lfm2audio-engine", daemon=True)
             self._thread.start()
+            ready.wait()
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -156,6 +181,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._prepare is not None:
+            self._prepare.shutdown(wait=False, cancel_futures=True)
+            self._prepare = None
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -201,18 +229,48 @@ class Engine:
         self._command(lambda: self._reset_slot(slot))
         return session
 
-    def _submit(self, session: Session, response_id: str, parts: list, config: SessionConfig, max_tokens: int):
-        self._command(lambda: self._start_response(session, response_id, parts, config, max_tokens))
+    def submit_response(
+        self, session: Session, response_id: str, parts: list[UserPart], config: SessionConfig, max_tokens: int
+    ) -> None:
+        """Prepare the request on the prepare thread, then hand it to the engine thread."""
+        if self._prepare is None:
+            raise RuntimeError("the engine is not running; call engine.start() first")
+        created = time.monotonic()
 
-    def _cancel(self, session: Session) -> None:
+        def prepare() -> None:
+            try:
+                with torch.inference_mode():
+                    request = _Request(
+                        session, response_id, config, max_tokens,
+                        self.prompts.system_turn(config.system_prompt),
+                        self.prompts.user_turn(parts) if parts else None,
+                        self.prompts.assistant_header(), created,
+                    )  # fmt: skip
+            except ContextLimitError as e:
+                self._emit_failed(session, response_id, "incomplete", f"context_limit: {e}")
+                return
+            except Exception as e:
+                log.warning("could not prepare response %s: %s", response_id, e)
+                self._emit_failed(session, response_id, "failed", f"invalid input: {e}")
+                return
+            self._command(lambda: self._start_response(request))
+
+        self._prepare.submit(prepare)
+
+    def cancel_response(self, session: Session) -> None:
         def cancel() -> None:
             st = self._slots[session.slot]
-            if st is not None and st.session is session and st.response is not None:
+            if st is None or st.session is not session:
+                return
+            if st.response is not None:
                 st.response.cancelled = True
+            elif response_id is not None:
+                st.cancelled.add(response_id)  # still being prepared: cancelled on arrival
 
+        response_id = session.response_id
         self._command(cancel)
 
-    def _close(self, session: Session) -> threading.Event:
+    def close_session(self, session: Session) -> threading.Event:
         done = threading.Event()
 
         def close() -> None:
@@ -242,8 +300,14 @@ class Engine:
 
     # Engine thread ----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
         with torch.inference_mode():
+            try:
+                if self.batch.cuda_graphs:
+                    caps = {(row_top_k(t, 1 << 30), row_top_k(a, 1 << 30)) for t, a in DEFAULT_SAMPLING.values()}
+                    self.batch.capture(sorted(caps))
+            finally:
+                ready.set()
             while not self._stop.is_set():
                 try:
                     while self._commands:
@@ -263,57 +327,27 @@ class Engine:
     def _reset_slot(self, slot: int) -> None:
         self.cache.reset_rows([slot])
         self.audio.reset(slot)
+        st = self._slots[slot]
+        if st is not None:
+            st.length = 0
 
-    def _text_items(self, text: str) -> list[Item]:
-        ids = self.processor.text.encode(text, add_special_tokens=False)
-        return [Item(LFMModality.TEXT, i) for i in ids]
-
-    def _turn_items(self, role: str, text: str) -> list[Item]:
-        # Encoded piece by piece exactly as ChatState does, so token ids match generate_*(**chat).
-        head = self._text_items("<|startoftext|>") if role == "system" else []
-        return (
-            head + self._text_items(f"<|im_start|>{role}\n") + self._text_items(text) + self._text_items("<|im_end|>\n")
-        )
-
-    def _user_items(self, parts: list) -> list[Item]:
-        items = self._text_items("<|im_start|>user\n")
-        for kind, value in parts:
-            if kind == "audio":
-                mel = self.processor.features(torch.from_numpy(value), INPUT_SAMPLE_RATE)
-                # ChatState keeps features in bfloat16; round the same way for identical results.
-                items.append(Item(LFMModality.AUDIO_IN, mel.to(torch.bfloat16).cpu()))
-            else:
-                items.extend(self._text_items(value))
-        return items + self._text_items("<|im_end|>\n")
-
-    def _start_response(
-        self, session: Session, response_id: str, parts: list, config: SessionConfig, max_tokens: int
-    ) -> None:
+    def _start_response(self, req: _Request) -> None:
+        session = req.session
         st = self._slots[session.slot]
         if st is None or st.session is not session:
             return
-        model = self.model
         slot = session.slot
         history = st.history
-        system = config.system_prompt
+        config = req.config
+        max_tokens = req.max_tokens
         try:
-            if config.mode != "chat" or not history.turns or history.turns[0].role != "system:" + system:
+            if config.mode != "chat" or not history.turns or history.turns[0].role != req.system.role:
                 # asr/tts turns are independent; a new system prompt starts the conversation over.
-                history.turns = [Turn("system:" + system, self._turn_items("system", system))]
+                history.turns = [Turn(req.system.role, list(req.system.items))]
                 st.cached_items = 0
-            new_turns = [Turn("user", self._user_items(parts))] if parts else []
-            new_turns.append(Turn("assistant", self._text_items("<|im_start|>assistant\n")))
-            new_positions = sum(t.positions for t in new_turns)
+            new_turns = ([req.user] if req.user is not None else []) + [req.assistant]
             limit = self.config.max_context
-            kept = history.turns[1:]
-            while (
-                kept
-                and history.turns[0].positions + sum(t.positions for t in kept) + new_positions + max_tokens > limit
-            ):
-                kept = kept[1:]  # drop the oldest turn after the system prompt
-            prompt_positions = history.turns[0].positions + sum(t.positions for t in kept) + new_positions
-            if prompt_positions >= limit:
-                raise _ContextLimit(f"the turn needs {prompt_positions + 1} positions, the context holds {limit}")
+            kept, prompt_positions = fit_turns(history.turns[0], history.turns[1:], new_turns, max_tokens, limit)
             truncated = len(kept) < len(history.turns) - 1
             history.turns = history.turns[:1] + kept + new_turns
             max_tokens = min(max_tokens, limit - prompt_positions)
@@ -324,146 +358,145 @@ class Engine:
             snapshot_at = None
             if st.cached_items == 0:
                 snap = st.system_snapshot
-                if snap is not None and snap[0] == system:
+                if snap is not None and snap[0] == config.system_prompt:
                     self.cache.rewind_row(slot, snap[1])
+                    st.length = snap[1][1]
                     st.cached_items = snap[2]
                 else:
                     self.cache.reset_rows([slot])
+                    st.length = 0
                     snapshot_at = history.turns[0].positions
             items = history.items()
-            reused = int(self.cache.lengths[slot])
-            prompt = model.embed_inputs(**model_inputs(items[st.cached_items :], model.codebooks))[0]
-        except _ContextLimit as e:
-            self._emit_failed(session, response_id, "incomplete", f"context_limit: {e}")
+            reused = st.length
+            # What the cache lacks: old items not yet in it (e.g. the end of the last turn), embedded here,
+            # then the new turns, whose embeddings the prepare thread computed.
+            n_new = sum(len(t.items) for t in new_turns)
+            pending = items[st.cached_items : len(items) - n_new]
+            parts = ([self._embed(pending)] if pending else []) + [t.embedding for t in new_turns]
+            for t in new_turns:
+                t.embedding = None  # the prompt holds them now; the history keeps only items
+            prompt = torch.cat(parts) if len(parts) > 1 else parts[0]  # type: ignore[arg-type]
+        except ContextLimitError as e:
+            self._emit_failed(session, req.id, "incomplete", f"context_limit: {e}")
             return
         except Exception as e:
-            log.exception("could not start response %s", response_id)
-            self._emit_failed(session, response_id, "failed", f"invalid input: {e}")
+            log.exception("could not start response %s", req.id)
+            self._emit_failed(session, req.id, "failed", f"invalid input: {e}")
             return
 
-        gen = torch.Generator(device=model.device)
-        gen.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        seed = config.seed if config.seed is not None else random.getrandbits(63)
         resp = _Response(
-            id=response_id,
+            id=req.id,
             config=config,
             decoder=TurnDecoder(
-                config.generation_mode, model.config.interleaved_n_text, model.config.interleaved_n_audio
+                config.generation_mode, self.model.config.interleaved_n_text, self.model.config.interleaved_n_audio
             ),
             max_tokens=max_tokens,
-            generator=gen,
             detok=IncrementalDetokenizer(self.processor.text),
-            created=time.monotonic(),
+            created=req.created,
             prompt=prompt,
             snapshot_at=snapshot_at,
         )
         resp.stats.prompt_positions = prompt.shape[0]
         resp.stats.reused_positions = reused
+        if req.id in st.cancelled:  # cancelled while being prepared: ends at the next step, as any cancel
+            st.cancelled.discard(req.id)
+            resp.cancelled = True
         st.cached_items = len(items)  # the prompt is about to enter the cache
         st.response = resp
-        self.audio.reset(st.session.slot)
+        self.batch.start_row(slot, config.text_sampling, config.audio_sampling, seed)
+        self.audio.reset(slot)
         self._prefill_queue.append(st)
+
+    def _embed(self, items: list[Item]) -> Tensor:
+        return self.model.embed_inputs(**model_inputs(items, self.model.codebooks))[0]
 
     def _emit_failed(self, session: Session, response_id: str, status: str, reason: str) -> None:
         # Idle before the event is visible, so a create_response right after ResponseDone is accepted.
-        session._response_finished()
+        session.mark_idle()
         session.events.put(ResponseDone(response_id, status, reason, ""))  # type: ignore[arg-type]
 
+    # One step: plan -> run -> emit ------------------------------------------------------
+
     def _step(self) -> bool:
-        model = self.model
-        hidden_rows: list[tuple[_Slot, Tensor]] = []
+        for st in self._slots:
+            if st is not None and st.response is not None and st.response.cancelled:
+                self._finish(st, "cancelled", "client_cancelled")
+        for st in self._slots:
+            if st is not None and st.response is not None and st.response.feeding:
+                if st.length >= self.config.max_context:
+                    self._finish(st, "incomplete", "context_limit")
 
-        for st in [s for s in self._slots if s is not None and s.response is not None and s.response.cancelled]:
-            self._finish(st, "cancelled", "client_cancelled")
-
-        # Prefill: one chunk of one session.
-        if self._prefill_queue:
-            st = self._prefill_queue[0]
-            resp = st.response
-            assert resp is not None
-            slot = st.session.slot
-            end = min(resp.offset + self.config.prefill_chunk, resp.prompt.shape[0])
-            if resp.snapshot_at is not None and resp.offset < resp.snapshot_at < end:
-                end = resp.snapshot_at
-            h, _ = model.lfm(resp.prompt[None, resp.offset : end], self.cache.rows(slot, slot + 1))
-            resp.offset = end
-            if resp.snapshot_at == end:
-                prompt = resp.config.system_prompt
-                st.system_snapshot = (prompt, self.cache.snapshot_row(slot), len(st.history.turns[0].items))
-            if end == resp.prompt.shape[0]:
-                self._prefill_queue.popleft()
-                resp.prompt = resp.prompt[:0]
-                hidden_rows.append((st, h[0, -1]))
-
-        # Decode: one batched forward over the rows that have a token to feed.
-        feeding = [
-            s for s in self._slots if s is not None and s.response is not None and s.response.next_input is not None
-        ]
-        full = [s for s in feeding if int(self.cache.lengths[s.session.slot]) >= self.config.max_context]
-        for st in full:
-            self._finish(st, "incomplete", "context_limit")
-        feeding = [s for s in feeding if s.response is not None]
-        if feeding:
-            n = max(s.session.slot for s in feeding) + 1
-            x = torch.zeros((n, 1, model.config.lfm.hidden_size), device=model.device, dtype=model.dtype)
-            valid = torch.zeros(n, dtype=torch.long, device=model.device)
-            for st in feeding:
-                x[st.session.slot, 0] = st.response.next_input
-                valid[st.session.slot] = 1
-            h, _ = model.lfm(x, self.cache.rows(0, n), valid=valid)
-            for st in feeding:
-                resp = st.response
-                resp.next_input = None
-                st.cached_items += 1  # the last emitted item is now in the cache
-                hidden_rows.append((st, h[st.session.slot, 0]))
-
-        if not hidden_rows:
-            return bool(self._prefill_queue)
+        plan = self._plan()
+        if plan.empty:
+            return False
+        t0 = time.perf_counter()
+        prefill_hidden = self._prefill(plan) if plan.prefill is not None else None
+        if not plan.feed and not plan.text and not plan.audio:
+            return True  # a prefill chunk that did not finish its prompt
+        result = self.batch.run(plan, prefill_hidden)
         self.steps += 1
-        self._sample(hidden_rows)
+        self._emit(plan, result)
+        self.last_step_s = time.perf_counter() - t0
         return True
 
-    def _sample(self, rows: list[tuple[_Slot, Tensor]]) -> None:
-        model = self.model
-        text_rows: list[tuple[_Slot, Tensor]] = []
-        audio_rows: list[tuple[_Slot, Tensor]] = []
-        for st, h in rows:
-            modality = st.response.decoder.begin_step()
-            (text_rows if modality == LFMModality.TEXT else audio_rows).append((st, h))
-
-        if text_rows:
-            logits = model.text_logits(torch.stack([h for _, h in text_rows]))
-            tokens = sample_rows(
-                logits,
-                [st.response.config.text_sampling for st, _ in text_rows],
-                [st.response.generator for st, _ in text_rows],
+    def _plan(self) -> StepPlan:
+        rows = []
+        for st in self._slots:
+            if st is None or st.response is None:
+                continue
+            resp = st.response
+            rows.append(
+                RowState(
+                    st.session.slot, resp.offset, resp.offset + resp.prompt.shape[0], resp.snapshot_at,
+                    resp.feeding, resp.decoder.modality, st.length,
+                )  # fmt: skip
             )
-            for (st, _), token in zip(text_rows, tokens.tolist(), strict=True):
-                self._on_text(st, token)
+        order = [st.session.slot for st in self._prefill_queue]
+        return plan_step(rows, order, self.config.prefill_chunk)
 
-        decoded: list[tuple[_Slot, int, tuple[int, ...]]] = []
-        if audio_rows:
-            frames = model.sample_audio_frame(
-                torch.stack([h for _, h in audio_rows]),
-                [st.response.config.audio_sampling for st, _ in audio_rows],
-                [st.response.generator for st, _ in audio_rows],
-            )
-            for (st, _), frame in zip(audio_rows, frames, strict=True):
-                out = self._on_audio(st, frame)
-                if out is not None:
-                    decoded.append((st, out[0], out[1]))
-        if decoded:
-            pcm = self.audio.decode(
-                [st.session.slot for st, _, _ in decoded],
-                torch.tensor([codes for _, _, codes in decoded], dtype=torch.long, device=model.device),
-            )
-            now = time.monotonic()
-            for (st, index, codes), samples in zip(decoded, pcm.cpu().numpy(), strict=True):
-                resp = st.response
-                if resp.first_audio is None:
-                    resp.first_audio = now
-                st.session.events.put(AudioFrame(resp.id, index, codes, samples))
+    def _prefill(self, plan: StepPlan) -> Tensor | None:
+        """Run the plan's prefill chunk (eager); the last position's state when the prompt completes."""
+        chunk = plan.prefill
+        assert chunk is not None
+        st = self._slots[chunk.slot]
+        assert st is not None and st.response is not None
+        resp = st.response
+        # The prompt tensor holds what is still to prefill; offsets count from the turn's start.
+        done = resp.offset
+        row = self.cache.rows(chunk.slot, chunk.slot + 1)
+        h, _ = self.model.lfm(resp.prompt[None, chunk.start - done : chunk.end - done], row)
+        resp.prompt = resp.prompt[chunk.end - done :]
+        resp.offset = chunk.end
+        st.length += chunk.end - chunk.start
+        if chunk.snapshot:
+            prompt = resp.config.system_prompt
+            st.system_snapshot = (prompt, self.cache.snapshot_row(chunk.slot), len(st.history.turns[0].items))
+        if chunk.completes:
+            self._prefill_queue.popleft()
+            return h[0, -1]
+        return None
 
-        for st, _ in rows:
+    def _emit(self, plan: StepPlan, result: StepResult) -> None:
+        now = time.monotonic()
+        for s in plan.feed:
+            st = self._slots[s]
+            assert st is not None and st.response is not None
+            st.response.feeding = False
+            st.cached_items += 1  # the last emitted item is now in the cache
+            st.length += 1
+        sampled = []
+        for s, token in zip(plan.text, result.tokens, strict=True):
+            st = self._slots[s]
+            assert st is not None
+            self._on_text(st, token, now)
+            sampled.append(st)
+        for i, (s, codes) in enumerate(zip(plan.audio, result.codes, strict=True)):
+            st = self._slots[s]
+            assert st is not None
+            self._on_audio(st, codes, result.pcm[i], now)
+            sampled.append(st)
+        for st in sampled:
             resp = st.response
             if resp is None:
                 continue
@@ -472,16 +505,17 @@ class Engine:
             elif resp.steps >= resp.max_tokens:
                 self._finish(st, "incomplete", "max_output_tokens")
 
-    def _on_text(self, st: _Slot, token: int) -> None:
+    def _on_text(self, st: _Slot, token: int, now: float) -> None:
         resp = st.response
+        assert resp is not None
         resp.steps += 1
+        resp.decoder.begin_step()
         emit = resp.decoder.on_text(token)
         if resp.first_token is None:
-            resp.first_token = time.monotonic()
+            resp.first_token = now
         if not emit:
             return
-        item = Item(LFMModality.TEXT, token)
-        st.history.turns[-1].items.append(item)
+        st.history.turns[-1].items.append(Item(LFMModality.TEXT, token))
         resp.text_tokens += 1
         delta = resp.detok.push(token)
         resp.text.append(delta)
@@ -490,25 +524,26 @@ class Engine:
         if resp.config.mode == "asr" and token == AUDIO_START:
             # ASR wants text only: the switch to audio ends the transcript.
             resp.decoder.finished = True
-        if not resp.decoder.finished:
-            resp.next_input = self.model.embed_text(torch.tensor(token, device=self.model.device))
+        resp.feeding = not resp.decoder.finished
 
-    def _on_audio(self, st: _Slot, frame: Tensor) -> tuple[int, tuple[int, ...]] | None:
+    def _on_audio(self, st: _Slot, codes: tuple[int, ...], pcm: Any, now: float) -> None:
         resp = st.response
+        assert resp is not None
         resp.steps += 1
-        frame = resp.decoder.on_audio(frame)
+        resp.decoder.begin_step()
+        end = resp.decoder.on_audio(codes[0])
         if resp.first_token is None:
-            resp.first_token = time.monotonic()
-        codes = tuple(int(c) for c in frame.tolist())
-        item = Item(LFMModality.AUDIO_OUT, frame.detach().to("cpu", torch.long))
-        st.history.turns[-1].items.append(item)
-        resp.next_input = self.model.embed_audio_frames(frame)
+            resp.first_token = now
+        st.history.turns[-1].items.append(Item(LFMModality.AUDIO_OUT, codes))
+        resp.feeding = True
         index = resp.frames
         resp.frames += 1
-        if codes[0] == END_OF_AUDIO:
+        if end:
             st.session.events.put(AudioFrame(resp.id, index, codes, _NO_SAMPLES, end_of_audio=True))
-            return None
-        return index, codes
+            return
+        if resp.first_audio is None:
+            resp.first_audio = now
+        st.session.events.put(AudioFrame(resp.id, index, codes, pcm))
 
     def _finish(self, st: _Slot, status: str, reason: str) -> None:
         resp = st.response
@@ -519,7 +554,7 @@ class Engine:
             self._prefill_queue.remove(st)
             st.cached_items = 0
         # What was emitted stays in the history (the last token unfed); the turn is closed as ChatState.end_turn does.
-        st.history.turns[-1].items.extend(self._text_items("<|im_end|>\n"))
+        st.history.turns[-1].items.extend(self.prompts.turn_end())
         now = time.monotonic()
         stats = resp.stats
         stats.text_tokens = resp.text_tokens
@@ -527,13 +562,14 @@ class Engine:
         stats.duration_s = now - resp.created
         stats.time_to_first_token_s = None if resp.first_token is None else resp.first_token - resp.created
         stats.time_to_first_audio_s = None if resp.first_audio is None else resp.first_audio - resp.created
-        audio_s = resp.frames * SAMPLES_PER_FRAME / 24_000
+        audio_s = resp.frames * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE
         stats.real_time_factor = stats.duration_s / audio_s if audio_s else None
         tail = resp.detok.flush()
         if tail:
             resp.text.append(tail)
         st.response = None
-        st.session._response_finished()
+        self.batch.end_row(st.session.slot)
+        st.session.mark_idle()
         st.session.events.put(ResponseDone(resp.id, status, reason, "".join(resp.text), stats))  # type: ignore[arg-type]
 
     def _fail_all(self, message: str) -> None:
@@ -542,10 +578,6 @@ class Engine:
                 st.cached_items = 0  # the cache may be half-written
                 self._finish(st, "failed", message)
         self._prefill_queue.clear()
-
-
-class _ContextLimit(Exception):
-    pass
 
 
 _NO_SAMPLES = torch.zeros(0).numpy()

@@ -13,8 +13,9 @@ from typing import Literal
 
 import numpy as np
 
-OUTPUT_SAMPLE_RATE = 24_000
-SAMPLES_PER_FRAME = 1920  # one 80 ms Mimi frame at 24 kHz
+# Re-exported for callers of the engine (their home is lfm2audio.tokens).
+from lfm2audio.tokens import OUTPUT_SAMPLE_RATE as OUTPUT_SAMPLE_RATE
+from lfm2audio.tokens import SAMPLES_PER_FRAME as SAMPLES_PER_FRAME
 
 
 class EngineError(RuntimeError):

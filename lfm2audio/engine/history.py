@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lfm2audio.model.lfm2_audio import LFMModality, mel_to_embedding_len
+from lfm2audio.model.lfm2_audio import mel_to_embedding_len
+from lfm2audio.tokens import LFMModality
 
 
 @dataclass
 class Item:
     modality: LFMModality
-    value: int | Tensor  # text id; mel (n_mels, frames); or frame codes (codebooks,)
+    value: int | Tensor | tuple[int, ...]  # text id; mel (n_mels, frames); or frame codes (codebooks,)
 
     @property
     def positions(self) -> int:
@@ -32,6 +33,7 @@ class Item:
 class Turn:
     role: str
     items: list[Item] = field(default_factory=list)
+    embedding: Tensor | None = None  # backbone inputs of ``items`` when computed ahead (new user turns)
 
     @property
     def positions(self) -> int:
@@ -64,6 +66,8 @@ def model_inputs(items: list[Item], codebooks: int, n_mels: int = 128) -> dict[s
         "text": torch.tensor([text], dtype=torch.long),
         "audio_in": torch.cat(mels, 1) if mels else torch.zeros((n_mels, 0)),  # type: ignore[arg-type]
         "audio_in_lens": torch.tensor([m.shape[1] for m in mels], dtype=torch.long),  # type: ignore[union-attr]
-        "audio_out": torch.stack(frames, 1) if frames else torch.zeros((codebooks, 0), dtype=torch.long),  # type: ignore[arg-type]
+        "audio_out": (
+            torch.tensor(frames, dtype=torch.long).T if frames else torch.zeros((codebooks, 0), dtype=torch.long)
+        ),
         "modality_flag": torch.tensor([flags], dtype=torch.long),
     }

@@ -10,6 +10,8 @@ positions 0..7. Parameter names follow the checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +19,6 @@ from torch import Tensor, nn
 from lfm2audio.config import DepthformerConfig
 from lfm2audio.model.lfm2 import RMSNorm, SwiGLU
 from lfm2audio.model.linear import Linear
-from lfm2audio.sampling import SamplingParams, sample, sample_rows
 
 
 def swiglu_width(dim: int, multiple_of: int = 256) -> int:
@@ -77,12 +78,12 @@ class DepthAttention(nn.Module):
         values = v_cache[:, : pos + 1].transpose(1, 2)
         # The new query is the last position, so every cached key is visible.
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=self.n_heads != self.n_kv)
-        return self.out_proj(out.reshape(B, -1))
+        return self.out_proj(out.reshape(B, self.n_heads * hd))
 
 
 def apply_rope_pairs(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) by the complex ``rope`` (head_dim/2,)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
     return torch.view_as_real(xc * rope).flatten(-2).to(x.dtype)
 
 
@@ -131,15 +132,14 @@ def sample_audio_frame(
     depth_linear: nn.Linear,
     embeddings: nn.ModuleList,
     hidden: Tensor,
-    params: SamplingParams | list[SamplingParams],
-    generator: torch.Generator | list[torch.Generator | None] | None = None,
+    pick: Callable[[Tensor, int], Tensor],
     return_logits: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Codes (B, codebooks) for backbone states ``hidden`` (B, hidden), one codebook after another.
 
-    ``params`` is one SamplingParams for all rows or one per row (then
-    ``generator`` may be one per row too). With ``return_logits`` also returns
-    the (B, codebooks, vocab) logits along the chosen path.
+    ``pick(logits, k)`` chooses codebook k's codes (B,) from its logits (B, vocab).
+    With ``return_logits`` also returns the (B, codebooks, vocab) logits along the chosen path.
+    The same fixed sequence of batched ops for any B (zero rows included).
     """
     B = hidden.shape[0]
     C, dim = depthformer.codebooks, depthformer.cfg.dim
@@ -153,10 +153,7 @@ def sample_audio_frame(
         logits = embeddings[k].logits(out)
         if return_logits:
             all_logits.append(logits)
-        if isinstance(params, SamplingParams):
-            codes[:, k] = sample(logits, params, generator)  # type: ignore[arg-type]
-        else:
-            codes[:, k] = sample_rows(logits, params, generator)  # type: ignore[arg-type]
+        codes[:, k] = pick(logits, k)
         prev = embeddings[k].embedding(codes[:, k])
     if return_logits:
         return codes, torch.stack(all_logits, 1)

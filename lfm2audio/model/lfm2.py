@@ -104,13 +104,14 @@ class LFM2Cache:
             c[row] = t
         self.lengths[row] = length
 
-    def reset_rows(self, rows: Tensor | list[int]) -> None:
-        """Start the given rows afresh; other rows are untouched."""
+    def reset_rows(self, rows: Tensor | list[int]) -> LFM2Cache:
+        """Start the given rows afresh; other rows are untouched. Returns ``self``."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         for c in self.conv:
             c[idx] = 0
         # Stale keys are harmless: positions >= lengths are masked and overwritten.
         self.lengths[idx] = 0
+        return self
 
     def select(self, rows: Tensor | list[int]) -> LFM2Cache:
         """A new cache holding copies of the given rows, in that order."""
@@ -287,6 +288,7 @@ class LFM2Backbone(nn.Module):
         cache: LFM2Cache | None = None,
         *,
         valid: Tensor | None = None,
+        kv_len: int | None = None,
     ) -> tuple[Tensor, LFM2Cache | None]:
         """Run embeddings ``x`` (B, T, D) through the backbone.
 
@@ -295,6 +297,11 @@ class LFM2Backbone(nn.Module):
         (B,) says how many of the T tokens of each row are real (the rest is
         padding whose outputs are garbage and whose state is not kept).
         The cache is updated in place and returned.
+
+        ``kv_len`` (with a cache) is the caller's bound on the key positions to
+        attend over (at least every row's last position + 1; ``max_len + 1`` for
+        a shape that never changes): the caller then vouches that every row
+        fits, and the forward reads nothing back from the device.
         """
         B, T, _ = x.shape
         cfg = self.cfg
@@ -311,11 +318,13 @@ class LFM2Backbone(nn.Module):
             if cache.batch_size != B:
                 raise ValueError(f"cache has {cache.batch_size} rows but the input has {B}")
             positions = cache.lengths.view(B, 1) + torch.arange(T, device=x.device)
-            end = cache.lengths + (T if valid is None else valid)
-            if B and int(end.max()) > cache.max_len:
-                need = int(end.max())
-                raise ContextFullError(f"context full: {need} positions do not fit a cache of {cache.max_len}")
-            kv_len = min(int(positions.max()) + 1, cache.max_len + 1) if B else 1
+            if kv_len is None:
+                end = cache.lengths + (T if valid is None else valid)
+                if B and int(end.max()) > cache.max_len:
+                    need = int(end.max())
+                    raise ContextFullError(f"context full: {need} positions do not fit a cache of {cache.max_len}")
+                kv_len = min(int(positions.max()) + 1, cache.max_len + 1) if B else 1
+            kv_len = min(kv_len, cache.max_len + 1)
             key_pos = torch.arange(kv_len, device=x.device).view(1, 1, 1, kv_len)
             qpos = positions.view(B, 1, T, 1)
             full_mask = key_pos <= qpos

@@ -1,17 +1,14 @@
-"""LFM2AudioModel: audio encoder + adapter, LFM2 backbone, audio embeddings and depthformer.
+"""LFM2AudioNetwork: audio encoder + adapter, LFM2 backbone, audio embeddings and depthformer.
 
 The module tree and parameter names are those of the official checkpoint, so
-``state_dict()`` has exactly its keys. Generation lives in
-``lfm2audio.generation``; this file assembles inputs and runs the parts.
+``state_dict()`` has exactly its keys. Loading (``lfm2audio.loading``) and generation
+(``lfm2audio.generation``) build on it; ``lfm2audio.audio_model.LFM2AudioModel`` puts
+them together as the public class. This file assembles inputs and runs the parts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from enum import IntEnum
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,21 +19,8 @@ from lfm2audio.model.conformer import ConformerEncoder
 from lfm2audio.model.depthformer import CodebookEmbedding, Depthformer, sample_audio_frame
 from lfm2audio.model.lfm2 import LFM2Backbone
 from lfm2audio.model.linear import Linear, linear
-from lfm2audio.sampling import GREEDY, SamplingParams
-
-if TYPE_CHECKING:
-    from lfm2audio.generation import ConversationCache
-
-END_OF_AUDIO = 2048
-AUDIO_START = 128
-TEXT_END = 130
-IM_END = 7
-
-
-class LFMModality(IntEnum):
-    TEXT = 1
-    AUDIO_IN = 2
-    AUDIO_OUT = 3
+from lfm2audio.sampling import GREEDY, RowSampling, SamplingParams, sample
+from lfm2audio.tokens import LFMModality
 
 
 def mel_to_embedding_len(frames: int | Tensor) -> int | Tensor:
@@ -44,7 +28,9 @@ def mel_to_embedding_len(frames: int | Tensor) -> int | Tensor:
     return -(frames // -8)
 
 
-class LFM2AudioModel(nn.Module):
+class LFM2AudioNetwork(nn.Module):
+    """The network: modules, embeddings and heads (``LFM2AudioModel`` adds loading and generation)."""
+
     def __init__(self, config: LFM2AudioConfig) -> None:
         super().__init__()
         self.config = config
@@ -67,26 +53,6 @@ class LFM2AudioModel(nn.Module):
         )
         # A quantized copy of the tied text head, set by lfm2audio.model.quantize; None: use the embedding.
         self.text_head: nn.Module | None = None
-
-    # Loading -----------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        repo_id_or_path: str | Path,
-        *,
-        revision: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        quantize: str | None = None,
-    ) -> LFM2AudioModel:
-        """Load a local folder or a Hub repo (official layout, safetensors only).
-
-        ``quantize="int8"`` or ``"int4"`` (CPU only): weight-only quantized backbone and audio head.
-        """
-        from lfm2audio.loading import load_model
-
-        return load_model(repo_id_or_path, revision=revision, device=device, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
 
     def retie(self) -> None:
         """Re-establish tied weights (loading assigns each checkpoint key its own tensor)."""
@@ -153,75 +119,25 @@ class LFM2AudioModel(nn.Module):
         return linear(hidden, self.lfm.embed_tokens.weight)
 
     def sample_audio_frame(
-        self,
-        hidden: Tensor,
-        params: SamplingParams | list[SamplingParams] = GREEDY,
-        generator: torch.Generator | list[torch.Generator | None] | None = None,
+        self, hidden: Tensor, params: SamplingParams = GREEDY, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Codes (B, codebooks) for backbone states (B, hidden)."""
+        """Codes (B, codebooks) for backbone states (B, hidden), one parameter set for all rows."""
         return sample_audio_frame(  # type: ignore[return-value]
-            self.depthformer, self.depth_linear, self.depth_embeddings, hidden, params, generator
+            self.depthformer, self.depth_linear, self.depth_embeddings, hidden,
+            lambda logits, _k: sample(logits, params, generator),
+        )  # fmt: skip
+
+    def sample_audio_frame_rows(self, hidden: Tensor, rows: RowSampling) -> Tensor:
+        """Codes (B, codebooks) with per-row parameters and counter-based noise (codebook k is lane k)."""
+        return sample_audio_frame(  # type: ignore[return-value]
+            self.depthformer, self.depth_linear, self.depth_embeddings, hidden, rows.sample
         )
 
     def audio_frame_logits(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Greedy codes (B, codebooks) and the logits (B, codebooks, vocab) along that path."""
         return sample_audio_frame(  # type: ignore[return-value]
-            self.depthformer, self.depth_linear, self.depth_embeddings, hidden, SamplingParams(), None, True
-        )
-
-    # Generation (see lfm2audio.generation) --------------------------------------
-
-    def generate_interleaved(
-        self,
-        *,
-        text: Tensor,
-        audio_in: Tensor,
-        audio_in_lens: Tensor,
-        audio_out: Tensor,
-        modality_flag: Tensor,
-        max_new_tokens: int = 20,
-        text_temperature: float | None = None,
-        text_top_k: int | None = None,
-        audio_temperature: float | None = None,
-        audio_top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        cache: ConversationCache | None = None,
-    ) -> Iterator[Tensor]:
-        """Text and audio in a fixed pattern (interleaved_n_text / interleaved_n_audio), for chat.
-
-        Yields 1-entry tensors (text tokens) and ``codebooks``-entry tensors (audio frames).
-        """
-        from lfm2audio.generation import generate
-
-        return generate(
-            self, "interleaved", text, audio_in, audio_in_lens, audio_out, modality_flag, max_new_tokens,
-            SamplingParams(text_temperature, text_top_k), SamplingParams(audio_temperature, audio_top_k),
-            generator, cache,
-        )  # fmt: skip
-
-    def generate_sequential(
-        self,
-        *,
-        text: Tensor,
-        audio_in: Tensor,
-        audio_in_lens: Tensor,
-        audio_out: Tensor,
-        modality_flag: Tensor,
-        max_new_tokens: int = 20,
-        text_temperature: float | None = None,
-        text_top_k: int | None = None,
-        audio_temperature: float | None = None,
-        audio_top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        cache: ConversationCache | None = None,
-    ) -> Iterator[Tensor]:
-        """Text until <|audio_start|>, then audio until an end-of-audio frame, for ASR and TTS."""
-        from lfm2audio.generation import generate
-
-        return generate(
-            self, "sequential", text, audio_in, audio_in_lens, audio_out, modality_flag, max_new_tokens,
-            SamplingParams(text_temperature, text_top_k), SamplingParams(audio_temperature, audio_top_k),
-            generator, cache,
+            self.depthformer, self.depth_linear, self.depth_embeddings, hidden,
+            lambda logits, _k: logits.argmax(-1), True,
         )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lfm2audio.model.lfm2_audio import LFM2AudioModel
+from lfm2audio.model.lfm2_audio import LFM2AudioNetwork as LFM2AudioModel
 
 
 def stream_embeddings(model: LFM2AudioModel, steps: Tensor) -> Tensor:

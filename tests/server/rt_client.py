@@ -1,76 +1,17 @@
-"""Helpers of the server tests: a uvicorn server in a thread, a small realtime client, test signals."""
+"""Helpers of the server tests: a small realtime client and test signals (servers: ``live_server``)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import socket
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from lfm2audio_server.app import create_app
-from lfm2audio_server.cli import uvicorn_config
-from lfm2audio_server.config import ServerConfig
-
 # Tests that talk to a server get at most this long per wait.
 TIMEOUT = 30.0
-
-
-class RunningServer:
-    """uvicorn in a thread, on a socket bound to a free port of 127.0.0.1."""
-
-    def __init__(self, app: Any, config: ServerConfig, *, sndbuf: int | None = None) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sndbuf is not None:  # accepted sockets inherit it: lets a test fill the pipe quickly
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        self.sock = sock
-        self.port = sock.getsockname()[1]
-        self.app = app
-        self.state = app.state.server
-        self.server = __import__("uvicorn").Server(
-            uvicorn_config(app, config, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> RunningServer:
-        self.thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(TIMEOUT)
-        self.sock.close()
-
-    def __enter__(self) -> RunningServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def serve(engine: Any, **overrides: Any) -> RunningServer:
-    config = ServerConfig(model="golden-tiny", **overrides)
-    return RunningServer(create_app(config, engine=engine), config)
 
 
 class Client:
@@ -206,16 +147,3 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def http_get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
-    """GET with the standard library: (status, body), HTTP errors included."""
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import websockets
-from rt_client import Client, http_get, run, serve
+from live_server import http_get, serve
+from rt_client import Client, run
 
 from lfm2audio_server.auth import Authenticator, find_key, select_subprotocol
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 import websockets
-from rt_client import TIMEOUT, Client, RunningServer, pcm16_b64, run, serve, setup, tone
+from live_server import LiveServer, serve
+from rt_client import TIMEOUT, Client, pcm16_b64, run, setup, tone
 
 from lfm2audio_server.app import create_app
 from lfm2audio_server.config import ServerConfig
@@ -128,7 +129,7 @@ def test_max_sessions(engine):
 def test_slow_reader_is_dropped(engine):
     """A client that stops reading: the bounded send queue overflows and the server drops it."""
     config = ServerConfig(model="golden-tiny", send_queue_max_messages=32, send_queue_max_bytes=256 * 1024)
-    with RunningServer(create_app(config, engine=engine), config, sndbuf=4096) as s:
+    with LiveServer(create_app(config, engine=engine), config, sndbuf=4096) as s:
 
         async def go():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

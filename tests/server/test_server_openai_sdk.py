@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from live_server import serve
 from openai import AsyncOpenAI
-from rt_client import pcm16_b64, run, serve, tone
+from rt_client import pcm16_b64, run, tone
 
 KEY = "sk-lfm2audio-sdk-test"
 

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,8 @@ import time
 from pathlib import Path
 
 import websockets
-from rt_client import TIMEOUT, Client, RunningServer, http_get, pcm16_b64, run, serve, setup, tone
+from live_server import LiveServer, free_port, http_get, serve
+from rt_client import TIMEOUT, Client, pcm16_b64, run, setup, tone
 
 from lfm2audio_server.app import create_app
 from lfm2audio_server.config import ServerConfig
@@ -72,7 +72,7 @@ def test_ready_waits_for_the_model(engine):
 
     config = ServerConfig(model="golden-tiny", warmup=False)
     app = create_app(config, engine_factory=factory)
-    with RunningServer(app, config) as s:
+    with LiveServer(app, config) as s:
         assert http_get(s.http + "/health")[0] == 200
         status, body = http_get(s.http + "/ready")
         assert status == 503 and json.loads(body)["ready"] is False
@@ -182,16 +182,10 @@ def test_four_concurrent_sessions_progress_together(server):
     assert switches >= 12, switches
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_gracefully(checkpoint_dir):
     """SIGTERM: /ready turns 503, the in-flight response finishes (or is cancelled at the grace deadline),
     the socket closes with 1001, and the process exits 0."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "LFM2AUDIO_API_KEY": "k1,k2", "LFM2AUDIO_LOG_LEVEL": "warning"}
     cmd = [
         sys.executable,

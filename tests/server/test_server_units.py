@@ -7,7 +7,6 @@ import struct
 import numpy as np
 import pytest
 
-from lfm2audio_server import protocol as P
 from lfm2audio_server.audio import (
     FORMAT_OPUS,
     HEADER_SIZE,
@@ -24,7 +23,10 @@ from lfm2audio_server.audio import (
     unpack_frame,
     unpack_packets,
 )
+from lfm2audio_server.client_events import apply_session_update, parse_client_event
 from lfm2audio_server.config import ConfigError, ServerConfig, load_config
+from lfm2audio_server.protocol import ProtocolError, session_object
+from lfm2audio_server.settings import RealtimeSettings, Sampling
 
 
 def test_config_flags_env_defaults(tmp_path):
@@ -113,33 +115,33 @@ def test_resampler_flush_keeps_every_sample():
 
 
 def test_parse_client_events():
-    ev = P.parse_client_event('{"type": "response.create", "event_id": "e", "response": {"max_output_tokens": "inf"}}')
+    ev = parse_client_event('{"type": "response.create", "event_id": "e", "response": {"max_output_tokens": "inf"}}')
     assert ev.response.max_output_tokens == "inf"
-    with pytest.raises(P.ProtocolError) as e:
-        P.parse_client_event('{"type": "session.update", "event_id": "e9", "session": {"instructions": 3}}')
+    with pytest.raises(ProtocolError) as e:
+        parse_client_event('{"type": "session.update", "event_id": "e9", "session": {"instructions": 3}}')
     assert (e.value.code, e.value.param, e.value.event_id) == ("invalid_value", "session.instructions", "e9")
-    with pytest.raises(P.ProtocolError) as e:
-        P.parse_client_event('{"type": "session.update", "session": {"max_output_tokens": "lots"}}')
+    with pytest.raises(ProtocolError) as e:
+        parse_client_event('{"type": "session.update", "session": {"max_output_tokens": "lots"}}')
     assert e.value.param == "session.max_output_tokens"
 
 
 def test_session_update_semantics():
-    s = P.SessionSettings(model="m")
-    upd = P.parse_client_event(
+    s = RealtimeSettings(model="m")
+    upd = parse_client_event(
         '{"type": "session.update", "session": {"type": "realtime", "tools": [], "tracing": "auto",'
         '"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000},'
         '"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}},'
         '"lfm2audio": {"mode": "tts", "voice": "warm", "binary_input": {"format": "pcm16"}}}}'
     )
-    s2 = P.apply_session_update(s, upd.session, max_output_tokens_cap=100)
+    s2 = apply_session_update(s, upd.session, max_output_tokens_cap=100)
     assert s2.input_rate == 16000 and s2.turn_detection.silence_duration_ms == 300
     assert s2.turn_detection.prefix_padding_ms == 300  # OpenAI's default for what was not given
     assert s2.mode == "tts" and s2.voice == "warm" and s2.binary_input == ("pcm16", 16000)
-    assert s2.effective_audio_sampling() == P.Sampling(0.8, 64)
-    obj = P.session_object(s2, "sess_1")
+    assert s2.effective_audio_sampling() == Sampling(0.8, 64)
+    obj = session_object(s2, "sess_1")
     assert obj["lfm2audio"]["binary_input"] == {"format": "pcm16", "rate": 16000}
-    off = P.parse_client_event('{"type": "session.update", "session": {"audio": {"input": {"turn_detection": null}}}}')
-    assert P.apply_session_update(s2, off.session, max_output_tokens_cap=100).turn_detection is None
-    big = P.parse_client_event('{"type": "session.update", "session": {"max_output_tokens": 101}}')
-    with pytest.raises(P.ProtocolError):
-        P.apply_session_update(s, big.session, max_output_tokens_cap=100)
+    off = parse_client_event('{"type": "session.update", "session": {"audio": {"input": {"turn_detection": null}}}}')
+    assert apply_session_update(s2, off.session, max_output_tokens_cap=100).turn_detection is None
+    big = parse_client_event('{"type": "session.update", "session": {"max_output_tokens": 101}}')
+    with pytest.raises(ProtocolError):
+        apply_session_update(s, big.session, max_output_tokens_cap=100)

@@ -3,8 +3,8 @@
 Chromium comes from Debian (``apt-get install -y chromium``), driven by Playwright for Python with
 ``executable_path`` (never ``playwright install``). Its fake microphone plays a WAV spoken by
 espeak-ng (``apt-get install -y espeak-ng``), looped: speech, then silence. The server runs the real
-engine on the tiny golden checkpoint on 127.0.0.1. Screenshots go to ``test-artifacts/`` in the
-repository root (``LFM2AUDIO_TEST_ARTIFACTS`` overrides).
+engine on the tiny golden checkpoint on 127.0.0.1. Screenshots go to ``tests/artifacts/`` (ignored
+by git; ``LFM2AUDIO_TEST_ARTIFACTS`` overrides), so that the top level keeps to the design card.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_server import LiveServer, espeak, start_engine
+from live_server import espeak, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("LFM2AUDIO_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("LFM2AUDIO_TEST_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
 CHROMIUM = os.environ.get("LFM2AUDIO_CHROMIUM", "/usr/bin/chromium")
 PHONE = {"width": 390, "height": 844}
 WAIT = 45.0  # seconds any one expectation may take
@@ -27,19 +27,6 @@ WAIT = 45.0  # seconds any one expectation may take
 # Speech from 0.4 s to ~2.4 s, then silence; Chromium loops the file (a cycle of about 6.5 s).
 SPOKEN = "Hello! Can you tell me a joke about computers?"
 LEAD_S, TAIL_S = 0.4, 4.0
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir: Path):
-    eng = start_engine(checkpoint_dir, max_sessions=6)
-    yield eng
-    eng.stop()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with LiveServer(engine) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +283,7 @@ def test_text_to_speech_mode_and_text_messages(page: Page):
 
 
 def test_api_key_and_connection_errors(browser, engine):
-    with LiveServer(engine, api_keys=("k-123_secret",)) as s:
+    with serve(engine, api_keys=("k-123_secret",)) as s:
         p = Page(browser, s.http + "/")
         try:
             pg = p.page

@@ -16,7 +16,7 @@ import numpy as np
 OUTPUT_RATE = 24_000  # what the model speaks
 SAMPLES_PER_FRAME = 1920  # one 80 ms frame at 24 kHz
 
-# Server -> client binary frames (see lfm2audio_server/audio.py and docs/protocol.md).
+# Server -> client binary frames (see server/audio.py and docs/protocol.md).
 FRAME_MAGIC = b"LF"
 FRAME_VERSION = 1
 FRAME_PCM16 = 1

@@ -76,15 +76,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def check_rate(rate: object, what: str = "rate") -> int:
-    if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
-        raise AudioError(
-            "unsupported_sample_rate",
-            f"{what} must be an integer from {MIN_INPUT_RATE} to {MAX_INPUT_RATE}, got {rate!r}",
-        )
-    return rate
-
-
 class Resampler:
     """Streaming mono float32 resampling to ``out_rate`` (soxr); recreated when the input rate changes."""
 

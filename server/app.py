@@ -13,13 +13,14 @@ from typing import Any
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from lfm2audio.engine import Engine, EngineConfig, PoolFullError
 from lfm2audio_server import protocol as P
 from lfm2audio_server.auth import Authenticator, find_key, offered_subprotocols, select_subprotocol
 from lfm2audio_server.config import ServerConfig
+from lfm2audio_server.connection import RealtimeConnection
 from lfm2audio_server.logging import session_id_var
 from lfm2audio_server.metrics import Metrics
-from lfm2audio_server.protocol import ProtocolError
-from lfm2audio_server.realtime import RealtimeConnection
+from lfm2audio_server.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, ProtocolError
 
 log = logging.getLogger("lfm2audio_server")
 
@@ -27,17 +28,9 @@ log = logging.getLogger("lfm2audio_server")
 # only to authenticated callers).
 PUBLIC_PATHS = {"/health", "/ready"}
 
-# Close codes (see docs/protocol.md).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # server shutting down
-CLOSE_POLICY = 1008  # auth, origin, limits
-CLOSE_TRY_AGAIN = 1013  # session limit reached, model not ready
 
-
-def default_engine_factory(config: ServerConfig) -> Any:
+def default_engine_factory(config: ServerConfig) -> Engine:
     import torch
-
-    from lfm2audio_server.engine_api import Engine, EngineConfig
 
     dtype = None if config.dtype is None else getattr(torch, config.dtype)
     engine_config = EngineConfig(
@@ -63,7 +56,7 @@ class ServerState:
         self.config = config
         self.metrics = metrics
         self.auth = Authenticator(config.api_keys)
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.owns_engine = False
         self.ready = False
         self.load_error: str | None = None
@@ -93,21 +86,17 @@ class ServerState:
         self.set_ready(False)
         log.info("draining: %d sessions, grace %.1f s", len(self.connections), grace)
         deadline = time.monotonic() + grace
-        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+        while any(c.responding for c in self.connections) and time.monotonic() < deadline:
             if self._hurry:
                 break
             await asyncio.sleep(0.05)
         for c in list(self.connections):
-            c._cancel("server_shutdown")
+            c.cancel_response("server_shutdown")
         deadline = time.monotonic() + 2.0
-        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+        while any(c.responding for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
-            c.close(
-                CLOSE_GOING_AWAY,
-                "server_shutdown",
-                ProtocolError("server_shutting_down", "the server is shutting down", type="server_error"),
-            )
+            c.shutdown()
         deadline = time.monotonic() + 3.0
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -118,8 +107,8 @@ class ServerState:
 def create_app(
     config: ServerConfig | None = None,
     *,
-    engine: Any = None,
-    engine_factory: Callable[[ServerConfig], Any] | None = None,
+    engine: Engine | None = None,
+    engine_factory: Callable[[ServerConfig], Engine] | None = None,
     metrics: Metrics | None = None,
 ) -> FastAPI:
     """The server app. With ``engine`` (already started) the app uses it and leaves it running at
@@ -182,18 +171,8 @@ def create_app(
             key = find_key(request.headers, request.query_params)
             if not state.auth.check(key):
                 state.metrics.errors.labels("invalid_api_key").inc()
-                return JSONResponse(
-                    {
-                        "error": {
-                            "type": "invalid_request_error",
-                            "code": "invalid_api_key",
-                            "message": "missing or invalid API key",
-                            "param": None,
-                        }
-                    },
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+                body = {"error": P.error_object(_invalid_key())}
+                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
     @app.get("/health")
@@ -229,12 +208,7 @@ async def _refuse(ws: WebSocket, subprotocol: str | None, state: ServerState, co
     """A client-side problem (key, origin): accept only to say why, then close with ``code``.
     Browsers see neither the status nor the body of a refused handshake, but they do see a close reason."""
     _count_refusal(state, err)
-    try:
-        await ws.accept(subprotocol=subprotocol)
-        await ws.send_json(P.error_event(err))
-        await ws.close(code, err.code)
-    except Exception:
-        pass
+    await _accept_to_close(ws, subprotocol, code, err)
 
 
 async def _unavailable(
@@ -245,18 +219,27 @@ async def _unavailable(
     ``proxy_next_upstream http_503``). Without the ASGI denial-response extension: accept, send the error
     event, close with ``code``."""
     _count_refusal(state, err)
-    body = {"error": {"type": err.type, "code": err.code, "message": err.message, "param": None}}
+    body = {"error": P.error_object(err)}
     try:
         await ws.send_denial_response(JSONResponse(body, status_code=503, headers={"Retry-After": "1"}))
         return
     except RuntimeError:
         pass
+    await _accept_to_close(ws, subprotocol, code, err)
+
+
+async def _accept_to_close(ws: WebSocket, subprotocol: str | None, code: int, err: ProtocolError) -> None:
+    """Accept the WebSocket only to send ``err`` as an error event and close with ``code``."""
     try:
         await ws.accept(subprotocol=subprotocol)
         await ws.send_json(P.error_event(err))
         await ws.close(code, err.code)
     except Exception:
         pass
+
+
+def _invalid_key() -> ProtocolError:
+    return ProtocolError("invalid_api_key", "missing or invalid API key")
 
 
 def _count_refusal(state: ServerState, err: ProtocolError) -> None:
@@ -277,8 +260,7 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
         await _refuse(ws, subprotocol, state, CLOSE_POLICY, err)
         return
     if not state.auth.check(find_key(ws.headers, ws.query_params, offered)):
-        err = ProtocolError("invalid_api_key", "missing or invalid API key")
-        await _refuse(ws, subprotocol, state, CLOSE_POLICY, err)
+        await _refuse(ws, subprotocol, state, CLOSE_POLICY, _invalid_key())
         return
     if state.draining:
         err = ProtocolError("server_shutting_down", "the server is shutting down", type="server_error")
@@ -297,15 +279,15 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
         await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
         return
 
-    from lfm2audio_server.engine_api import PoolFullError
-
     try:
         session = state.engine.open_session()
     except PoolFullError:
         await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
         return
 
-    conn = RealtimeConnection(ws, state, session)
+    conn = RealtimeConnection(
+        ws, session, cfg, state.metrics, model_name=state.model_name, draining=lambda: state.draining
+    )
     state.connections.add(conn)
     state.metrics.active_sessions.inc()
     state.metrics.sessions.inc()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from lfm2audio_server.app import ServerState, create_app
 from lfm2audio_server.config import ConfigError, ServerConfig, load_config
@@ -20,7 +21,7 @@ from lfm2audio_server.logging import configure_logging, uvicorn_log_config
 log = logging.getLogger("lfm2audio_server")
 
 
-def uvicorn_config(app: Any, config: ServerConfig, **overrides: Any) -> uvicorn.Config:
+def uvicorn_config(app: FastAPI, config: ServerConfig, **overrides: Any) -> uvicorn.Config:
     """The uvicorn settings the server needs (WebSocket size limit, no uvicorn logging setup)."""
     kwargs: dict[str, Any] = {
         "host": config.host,

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lfm2audio.client.audio import OUTPUT_RATE, WavError, read_wav, to_mono, write_wav
-from lfm2audio.client.live import converse, summary
-from lfm2audio.client.realtime import DEFAULT_URL, RealtimeClient, RealtimeError, Response, Sampling
+from lfm2audio_client.audio import OUTPUT_RATE, WavError, read_wav, to_mono, write_wav
+from lfm2audio_client.live import converse, summary
+from lfm2audio_client.realtime import DEFAULT_URL, RealtimeClient, Response, Sampling
 
 
 def _output_path(base: str | None, i: int, n: int) -> Path | None:
@@ -138,7 +138,7 @@ def _finish(r: Response, path: Path | None, mode: str, log) -> None:
 
 
 async def _live(client: RealtimeClient, args: argparse.Namespace, log) -> int:
-    from lfm2audio.client.live import SpeakerPlayer, microphone
+    from lfm2audio_client.live import SpeakerPlayer, microphone
 
     player = None if args.no_playback or args.mode == "asr" else SpeakerPlayer()
     count = 0
@@ -163,10 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(_run(args))
-    except RealtimeError as e:
-        print(f"lfm2audio-client: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # e.g. no sounddevice for --mic
+    except RuntimeError as e:  # a RealtimeError (refused, lost, an error event), or e.g. no sounddevice for --mic
         print(f"lfm2audio-client: {e}", file=sys.stderr)
         return 1
     except TimeoutError as e:

@@ -1,150 +1,24 @@
-"""The OpenAI Realtime protocol subset we speak: client event parsing, session settings, server events.
+"""What clients send: the OpenAI Realtime client events we accept, parsed and validated, and what a
+``session.update`` does to the settings.
 
-Client events are validated strictly (a string where a number belongs is an error,
-not coerced). Fields OpenAI defines that we do not implement (tools, tracing,
-noise_reduction, transcription, ...) are accepted and ignored so that stock clients
-work; everything under our ``lfm2audio`` extension key is checked and unknown keys
-there are errors.
+Client events are validated strictly (a string where a number belongs is an error, not coerced).
+Fields OpenAI defines that we do not implement (tools, tracing, noise_reduction, transcription, ...)
+are accepted and ignored so that stock clients work; everything under our ``lfm2audio`` extension key
+is checked and unknown keys there are errors.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lfm2audio.engine import OUTPUT_SAMPLE_RATE
 from lfm2audio_server.audio import MAX_INPUT_RATE, MIN_INPUT_RATE
-
-OUTPUT_RATE = 24_000
-
-
-class ProtocolError(Exception):
-    """Something wrong with what a client sent: becomes an ``error`` event; the session goes on."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        param: str | None = None,
-        event_id: str | None = None,
-        type: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
-        self.event_id = event_id
-        self.type = type
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
-
-
-# Session settings ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TurnDetection:
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-    create_response: bool = True
-    interrupt_response: bool = True
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float | None = None
-    top_k: int | None = None
-
-
-# liquid-audio's recommended settings; text is greedy unless the client says otherwise.
-DEFAULT_AUDIO_SAMPLING = {"chat": Sampling(1.0, 4), "tts": Sampling(0.8, 64), "asr": Sampling(None, None)}
-DEFAULT_TEXT_SAMPLING = Sampling(None, None)
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    model: str = ""
-    mode: Literal["chat", "asr", "tts"] = "chat"
-    instructions: str | None = None
-    voice: str | None = None  # lfm2audio: TTS voice description
-    output_voice: Any = None  # OpenAI audio.output.voice, echoed, not used
-    max_output_tokens: int | Literal["inf"] = "inf"
-    output_modalities: tuple[str, ...] = ("audio",)
-    input_rate: int = 24_000
-    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
-    text_sampling: Sampling | None = None  # None: the mode's default
-    audio_sampling: Sampling | None = None
-    seed: int | None = None
-    binary_input: tuple[Literal["pcm16", "opus"], int | None] | None = None
-    binary_output: Literal["pcm16", "opus"] | None = None
-
-    def effective_text_sampling(self) -> Sampling:
-        return self.text_sampling or DEFAULT_TEXT_SAMPLING
-
-    def effective_audio_sampling(self) -> Sampling:
-        return self.audio_sampling or DEFAULT_AUDIO_SAMPLING[self.mode]
-
-    @property
-    def sends_audio(self) -> bool:
-        return self.mode != "asr" and "audio" in self.output_modalities
-
-
-def _sampling_dict(s: Sampling) -> dict:
-    return {"temperature": s.temperature, "top_k": s.top_k}
-
-
-def session_object(s: SessionSettings, session_id: str, *, default_instructions: str | None = None) -> dict:
-    td = s.turn_detection
-    return {
-        "type": "realtime",
-        "object": "realtime.session",
-        "id": session_id,
-        "model": s.model,
-        "output_modalities": ["text"] if s.mode == "asr" else list(s.output_modalities),
-        "instructions": s.instructions if s.instructions is not None else default_instructions,
-        "max_output_tokens": s.max_output_tokens,
-        "tools": [],
-        "tool_choice": "none",
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcm", "rate": s.input_rate},
-                "turn_detection": None
-                if td is None
-                else {
-                    "type": "server_vad",
-                    "threshold": td.threshold,
-                    "prefix_padding_ms": td.prefix_padding_ms,
-                    "silence_duration_ms": td.silence_duration_ms,
-                    "create_response": td.create_response,
-                    "interrupt_response": td.interrupt_response,
-                },
-                "transcription": None,
-                "noise_reduction": None,
-            },
-            "output": {"format": {"type": "audio/pcm", "rate": OUTPUT_RATE}, "voice": s.output_voice, "speed": 1.0},
-        },
-        "lfm2audio": {
-            "mode": s.mode,
-            "voice": s.voice,
-            "sampling": {
-                "text": _sampling_dict(s.effective_text_sampling()),
-                "audio": _sampling_dict(s.effective_audio_sampling()),
-            },
-            "seed": s.seed,
-            "binary_input": None
-            if s.binary_input is None
-            else {"format": s.binary_input[0], "rate": s.binary_input[1]},
-            "binary_output": None if s.binary_output is None else {"format": s.binary_output},
-        },
-    }
-
+from lfm2audio_server.protocol import ProtocolError
+from lfm2audio_server.settings import RealtimeSettings, Sampling, TurnDetection
 
 # Client event models -------------------------------------------------------------------------------
 
@@ -219,7 +93,9 @@ class ExtensionModel(_Strict):
     binary_output: BinaryOutputModel | None = None
 
 
-class SessionModel(_Lenient):
+class SessionFields(_Lenient):
+    """The ``session`` object of a ``session.update`` event."""
+
     type: str | None = None
     model: str | None = None
     instructions: str | None = None
@@ -232,7 +108,7 @@ class SessionModel(_Lenient):
 class SessionUpdateEvent(_Lenient):
     type: Literal["session.update"]
     event_id: str | None = None
-    session: SessionModel
+    session: SessionFields
 
 
 class ContentModel(_Lenient):
@@ -282,7 +158,11 @@ class ResponseCancelEvent(_Lenient):
     response_id: str | None = None
 
 
-CLIENT_EVENTS: dict[str, type[BaseModel]] = {
+ClientEvent = (
+    SessionUpdateEvent | AppendEvent | SimpleEvent | ItemCreateEvent | ResponseCreateEvent | ResponseCancelEvent
+)
+
+CLIENT_EVENTS: dict[str, type[ClientEvent]] = {
     "session.update": SessionUpdateEvent,
     "input_audio_buffer.append": AppendEvent,
     "input_audio_buffer.commit": SimpleEvent,
@@ -307,7 +187,7 @@ def _param_from(errors: list[dict]) -> str | None:
     return ".".join(loc) or None
 
 
-def parse_client_event(text: str | bytes) -> BaseModel:
+def parse_client_event(text: str | bytes) -> ClientEvent:
     """A validated client event, or ProtocolError (invalid_json, invalid_event, unknown_event_type, invalid_value)."""
     try:
         data = json.loads(text)
@@ -337,7 +217,7 @@ def parse_client_event(text: str | bytes) -> BaseModel:
         raise ProtocolError("invalid_value", msg, param=param, event_id=event_id) from None
 
 
-def apply_session_update(s: SessionSettings, m: SessionModel, *, max_output_tokens_cap: int) -> SessionSettings:
+def apply_session_update(s: RealtimeSettings, m: SessionFields, *, max_output_tokens_cap: int) -> RealtimeSettings:
     """The settings after ``m``; raises ProtocolError (nothing changes) when a value is unsupported."""
     changes: dict[str, Any] = {}
     if m.type is not None and m.type != "realtime":
@@ -384,10 +264,10 @@ def apply_session_update(s: SessionSettings, m: SessionModel, *, max_output_toke
                     f"output audio format {out.format.type!r} is not supported (only 'audio/pcm')",
                     param="session.audio.output.format.type",
                 )
-            if out.format.rate not in (None, OUTPUT_RATE):
+            if out.format.rate not in (None, OUTPUT_SAMPLE_RATE):
                 raise ProtocolError(
                     "unsupported_sample_rate",
-                    f"output audio is {OUTPUT_RATE} Hz PCM16, got rate {out.format.rate}",
+                    f"output audio is {OUTPUT_SAMPLE_RATE} Hz PCM16, got rate {out.format.rate}",
                     param="session.audio.output.format.rate",
                 )
         if "voice" in out.model_fields_set:
@@ -440,45 +320,3 @@ def _input_format(f: AudioFormatModel, current: int, param: str) -> int:
             param=param + ".type",
         )
     return current if f.rate is None else _check_rate(f.rate, param + ".rate")
-
-
-# Server events -------------------------------------------------------------------------------------
-
-
-def event(type: str, **fields: Any) -> dict:
-    return {"type": type, "event_id": new_id("event"), **fields}
-
-
-def error_event(err: ProtocolError) -> dict:
-    return event(
-        "error",
-        error={
-            "type": err.type,
-            "code": err.code,
-            "message": err.message,
-            "param": err.param,
-            "event_id": err.event_id,
-        },
-    )
-
-
-def user_item(item_id: str, content: list[dict], status: str = "completed") -> dict:
-    return {
-        "id": item_id,
-        "object": "realtime.item",
-        "type": "message",
-        "role": "user",
-        "status": status,
-        "content": content,
-    }
-
-
-def assistant_item(item_id: str, content: list[dict], status: str) -> dict:
-    return {
-        "id": item_id,
-        "object": "realtime.item",
-        "type": "message",
-        "role": "assistant",
-        "status": status,
-        "content": content,
-    }

@@ -18,8 +18,8 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
-from lfm2audio.client.audio import OUTPUT_RATE
-from lfm2audio.client.realtime import AUDIO_FRAME_EVENT, SEND_RATE, RealtimeClient, Response
+from lfm2audio_client.audio import OUTPUT_RATE
+from lfm2audio_client.realtime import AUDIO_FRAME_EVENT, SEND_RATE, RealtimeClient, Response
 
 
 class Player(Protocol):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lfm2audio.client.audio import (
+from lfm2audio_client.audio import (
     FRAME_PCM16,
     OUTPUT_RATE,
     float_to_pcm16,

@@ -1,0 +1,353 @@
+"""One realtime WebSocket session: a reader, a writer, an engine-event pump and a watchdog.
+
+- The reader parses client messages and dispatches them: settings here, audio to ``AudioInput``,
+  responses to ``Responses``; each bad message gets an ``error`` event and the session goes on.
+- The pump (``Responses.pump``) awaits the engine session's events (the model runs on the engine
+  thread) and turns them into server events as soon as they arrive.
+- The writer (``Outbox.write``) drains the bounded send queue into the socket.
+- The watchdog enforces the idle timeout and the maximum session duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from lfm2audio.engine import EngineError, Session, SessionConfig
+from lfm2audio.sampling import SamplingParams
+from lfm2audio_server.audio import AudioError
+from lfm2audio_server.audio_input import AudioInput
+from lfm2audio_server.client_events import (
+    AppendEvent,
+    ClientEvent,
+    ItemCreateEvent,
+    ResponseCancelEvent,
+    ResponseCreateEvent,
+    SessionFields,
+    SessionUpdateEvent,
+    apply_session_update,
+    parse_client_event,
+)
+from lfm2audio_server.config import ServerConfig
+from lfm2audio_server.metrics import Metrics
+from lfm2audio_server.outbox import Outbox
+from lfm2audio_server.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    ItemOrder,
+    ProtocolError,
+    engine_error,
+    event,
+    item_object,
+    new_id,
+    session_object,
+)
+from lfm2audio_server.responses import Responses
+from lfm2audio_server.settings import RealtimeSettings, resolve_max_tokens
+from lfm2audio_server.vad import SpeechStarted, SpeechStopped
+
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+log = logging.getLogger("lfm2audio_server.session")
+
+
+class RealtimeConnection:
+    """One client's WebSocket and its engine session. It sees only what it needs of the server: the
+    config, the metrics and whether the server is draining (``draining()``, asked at each new response)."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        session: Session,
+        config: ServerConfig,
+        metrics: Metrics,
+        *,
+        model_name: str,
+        draining: Callable[[], bool],
+    ) -> None:
+        self.ws = ws
+        self.cfg = config
+        self.metrics = metrics
+        self.session = session
+        self.id: str = session.id
+        self.settings = RealtimeSettings(model=model_name)
+        self.engine_config = self._engine_config(self.settings)
+        session.update(self.engine_config)
+        self.outbox = Outbox(
+            ws, metrics, max_bytes=config.send_queue_max_bytes, max_messages=config.send_queue_max_messages
+        )
+        items = ItemOrder()
+        self.items = items
+        self.audio = AudioInput(
+            session,
+            self.outbox,
+            metrics,
+            items,
+            self.settings,
+            max_input_audio_s=config.max_input_audio_s,
+            on_turn=self._on_turn,
+        )
+        self.responses = Responses(
+            session,
+            self.outbox,
+            metrics,
+            items,
+            settings=lambda: self.settings,
+            max_output_tokens=config.max_output_tokens,
+            draining=draining,
+        )
+        self.created = time.monotonic()
+        self.last_activity = self.created
+
+    # What the server asks of a connection ----------------------------------------------------------
+
+    @property
+    def responding(self) -> bool:
+        """A response is in progress (from response.created to response.done)."""
+        return self.responses.current is not None
+
+    def cancel_response(self, reason: str) -> bool:
+        """Stop the response in progress (its response.done says ``reason``); False when none runs."""
+        return self.responses.cancel(reason)
+
+    def shutdown(self) -> None:
+        """The server is going away: tell the client, close with 1001 after what is queued."""
+        self.outbox.close(
+            CLOSE_GOING_AWAY,
+            "server_shutdown",
+            ProtocolError("server_shutting_down", "the server is shutting down", type="server_error"),
+        )
+
+    # Lifecycle -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        out = self.outbox
+        out.send(event("session.created", session=self._session_object()))
+        log.info("session opened", extra={"client": _client(self.ws)})
+        writer = asyncio.create_task(out.write(), name=f"{self.id}-writer")
+        reader = asyncio.create_task(self._reader(), name=f"{self.id}-reader")
+        pump = asyncio.create_task(self.responses.pump(self._touch), name=f"{self.id}-pump")
+        watchdog = asyncio.create_task(self._watchdog(), name=f"{self.id}-watchdog")
+        overflow = asyncio.create_task(out.overflowed.wait())
+        tasks = [writer, reader, pump, watchdog, overflow]
+        try:
+            done, _ = await asyncio.wait({reader, writer, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            if overflow in done:
+                writer.cancel()
+                try:
+                    await asyncio.wait_for(self.ws.close(out.close_code or CLOSE_POLICY, out.close_reason), 1.0)
+                except Exception:
+                    pass
+            elif writer in done and reader not in done:
+                if writer.exception() is None:
+                    # Close frame sent: give the client a moment to answer it.
+                    await asyncio.wait({reader}, timeout=2.0)
+            for t in done:
+                if t is not overflow and not t.cancelled() and t.exception() is not None:
+                    exc = t.exception()
+                    if not _is_disconnect(exc):
+                        log.error("session task failed", exc_info=exc)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                self.session.close()
+            except Exception:
+                log.exception("closing the engine session failed")
+            log.info(
+                "session closed",
+                extra={
+                    "duration_s": round(time.monotonic() - self.created, 3),
+                    "responses": self.responses.count,
+                    "close_code": out.close_code,
+                    "close_reason": out.close_reason,
+                },
+            )
+
+    def _touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    async def _watchdog(self) -> None:
+        cfg, out = self.cfg, self.outbox
+        while not out.closing:
+            await asyncio.sleep(min(0.25, max(0.01, cfg.idle_timeout_s / 4)))
+            now = time.monotonic()
+            if now - self.created >= cfg.max_session_s:
+                self.responses.cancel("session_expired")
+                out.close(
+                    CLOSE_POLICY,
+                    "session_expired",
+                    ProtocolError(
+                        "session_expired",
+                        f"the session reached its maximum duration of {cfg.max_session_s:g} s",
+                        type="invalid_request_error",
+                    ),
+                )
+            elif not self.responding and now - self.last_activity >= cfg.idle_timeout_s:
+                out.close(
+                    CLOSE_POLICY,
+                    "idle_timeout",
+                    ProtocolError("idle_timeout", f"no activity for {cfg.idle_timeout_s:g} s; closing"),
+                )
+
+    # Reading ---------------------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        ws, out = self.ws, self.outbox
+        limit = self.cfg.max_message_bytes
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                out.close_code = out.close_code or msg.get("code")
+                return
+            self._touch()
+            text, data = msg.get("text"), msg.get("bytes")
+            size = len(text) if text is not None else len(data or b"")
+            if size > limit:
+                out.send_error(
+                    ProtocolError(
+                        "message_too_large", f"message of {size} bytes exceeds the {limit}-byte limit; it was ignored"
+                    )
+                )
+                continue
+            if out.closing:
+                continue
+            event_id = None
+            try:
+                if text is not None:
+                    ev = parse_client_event(text)
+                    event_id = getattr(ev, "event_id", None)
+                    await self._dispatch(ev)
+                elif data is not None:
+                    await self.audio.append_binary(data)
+            except ProtocolError as e:
+                e.event_id = e.event_id or event_id
+                out.send_error(e)
+            except AudioError as e:
+                out.send_error(ProtocolError(e.code, str(e), event_id=event_id))
+            except EngineError as e:
+                out.send_error(engine_error(e, event_id))
+            except Exception as e:  # a bug of ours: report it, keep the session
+                log.exception("failed to handle a client message")
+                out.send_error(
+                    ProtocolError(
+                        "server_error", f"internal error: {type(e).__name__}", event_id=event_id, type="server_error"
+                    )
+                )
+
+    async def _dispatch(self, ev: ClientEvent) -> None:
+        if isinstance(ev, AppendEvent):
+            await self.audio.append_base64(ev.audio)
+        elif isinstance(ev, SessionUpdateEvent):
+            self._session_update(ev.session)
+        elif isinstance(ev, ItemCreateEvent):
+            self._item_create(ev)
+        elif isinstance(ev, ResponseCreateEvent):
+            tokens = None if ev.response is None else ev.response.max_output_tokens
+            cap = self.cfg.max_output_tokens
+            if tokens is not None and tokens != "inf" and not 1 <= tokens <= cap:
+                raise ProtocolError(
+                    "invalid_value",
+                    f"max_output_tokens must be 'inf' or an integer from 1 to {cap}",
+                    param="response.max_output_tokens",
+                )
+            self.responses.create(None if tokens is None else resolve_max_tokens(tokens, cap))
+        elif isinstance(ev, ResponseCancelEvent):
+            cur = self.responses.current
+            if ev.response_id is not None and (cur is None or ev.response_id != cur.id):
+                raise ProtocolError(
+                    "response_cancel_not_active", f"response {ev.response_id} is not in progress", param="response_id"
+                )
+            if not self.responses.cancel("client_cancelled"):
+                raise ProtocolError("response_cancel_not_active", "there is no response in progress to cancel")
+        elif ev.type == "input_audio_buffer.commit":
+            self.audio.commit()
+        elif ev.type == "input_audio_buffer.clear":
+            self.audio.clear()
+
+    async def _on_turn(self, turn: SpeechStarted | SpeechStopped) -> None:
+        """Server VAD: speech started (barge-in cancels the response) or a turn was committed."""
+        td = self.settings.turn_detection
+        if isinstance(turn, SpeechStarted):
+            if td is not None and td.interrupt_response and self.responding:
+                self.responses.cancel("turn_detected")
+        elif td is None or td.create_response:
+            try:
+                self.responses.create(None)
+            except ProtocolError as e:
+                self.outbox.send_error(e)
+
+    # Settings and items ----------------------------------------------------------------------------
+
+    def _session_update(self, fields: SessionFields) -> None:
+        new = apply_session_update(self.settings, fields, max_output_tokens_cap=self.cfg.max_output_tokens)
+        engine_config = self._engine_config(new)
+        self.settings = new
+        if engine_config != self.engine_config:
+            self.session.update(engine_config)
+            self.engine_config = engine_config
+        self.audio.apply(new)
+        self.responses.prepare(new)
+        self.outbox.send(event("session.updated", session=self._session_object()))
+
+    def _engine_config(self, s: RealtimeSettings) -> SessionConfig:
+        t, a = s.effective_text_sampling(), s.effective_audio_sampling()
+        try:
+            return SessionConfig(
+                mode=s.mode,
+                instructions=s.instructions,
+                voice=s.voice,
+                text_sampling=SamplingParams(temperature=t.temperature, top_k=t.top_k),
+                audio_sampling=SamplingParams(temperature=a.temperature, top_k=a.top_k),
+                max_output_tokens=resolve_max_tokens(s.max_output_tokens, self.cfg.max_output_tokens),
+                seed=s.seed,
+            )
+        except (TypeError, ValueError) as e:
+            raise ProtocolError("invalid_value", str(e), param="session") from None
+
+    def _session_object(self) -> dict:
+        default = self.engine_config.system_prompt if self.settings.instructions is None else None
+        return session_object(self.settings, self.id, default_instructions=default)
+
+    def _item_create(self, ev: ItemCreateEvent) -> None:
+        item = ev.item
+        if item.role != "user":
+            raise ProtocolError(
+                "unsupported_item", f"only user messages can be created, not role {item.role!r}", param="item.role"
+            )
+        texts = []
+        for i, c in enumerate(item.content):
+            if c.type != "input_text" or c.text is None:
+                raise ProtocolError(
+                    "unsupported_content",
+                    f"content type {c.type!r} is not supported here; send audio with input_audio_buffer.append",
+                    param=f"item.content.{i}.type",
+                )
+            if not c.text:
+                raise ProtocolError("invalid_value", "text must not be empty", param=f"item.content.{i}.text")
+            texts.append(c.text)
+        for t in texts:
+            self.session.add_text(t)
+        item_id = item.id or new_id("item")
+        prev = self.items.append(item_id)
+        out = item_object(item_id, "user", [{"type": "input_text", "text": t} for t in texts], "completed")
+        self.outbox.send(event("conversation.item.added", previous_item_id=prev, item=out))
+        self.outbox.send(event("conversation.item.done", previous_item_id=prev, item=out))
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    from starlette.websockets import WebSocketDisconnect
+
+    return isinstance(exc, WebSocketDisconnect | ConnectionError | OSError) or type(exc).__name__ in (
+        "ClientDisconnected",
+    )
+
+
+def _client(ws: WebSocket) -> str | None:
+    c = getattr(ws, "client", None)
+    return f"{c.host}:{c.port}" if c else None

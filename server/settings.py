@@ -1,0 +1,67 @@
+"""A realtime session's settings, as the client set them with ``session.update`` (plain values, no I/O).
+
+``client_events`` turns a ``session.update`` into new settings; ``protocol.session_object`` shows them
+to the client; the connection turns them into the engine's ``SessionConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BinaryFormat = Literal["pcm16", "opus"]
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """``server_vad`` turn detection (OpenAI's defaults)."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float | None = None
+    top_k: int | None = None
+
+
+# liquid-audio's recommended settings; text is greedy unless the client says otherwise.
+DEFAULT_AUDIO_SAMPLING = {"chat": Sampling(1.0, 4), "tts": Sampling(0.8, 64), "asr": Sampling(None, None)}
+DEFAULT_TEXT_SAMPLING = Sampling(None, None)
+
+
+@dataclass(frozen=True)
+class RealtimeSettings:
+    model: str = ""
+    mode: Literal["chat", "asr", "tts"] = "chat"
+    instructions: str | None = None
+    voice: str | None = None  # lfm2audio: TTS voice description
+    output_voice: Any = None  # OpenAI audio.output.voice, echoed, not used
+    max_output_tokens: int | Literal["inf"] = "inf"
+    output_modalities: tuple[str, ...] = ("audio",)
+    input_rate: int = 24_000
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    text_sampling: Sampling | None = None  # None: the mode's default
+    audio_sampling: Sampling | None = None
+    seed: int | None = None
+    binary_input: tuple[BinaryFormat, int | None] | None = None
+    binary_output: BinaryFormat | None = None
+
+    def effective_text_sampling(self) -> Sampling:
+        return self.text_sampling or DEFAULT_TEXT_SAMPLING
+
+    def effective_audio_sampling(self) -> Sampling:
+        return self.audio_sampling or DEFAULT_AUDIO_SAMPLING[self.mode]
+
+    @property
+    def sends_audio(self) -> bool:
+        return self.mode != "asr" and "audio" in self.output_modalities
+
+
+def resolve_max_tokens(value: int | Literal["inf"], cap: int) -> int:
+    """A client's ``max_output_tokens`` ("inf" or a number) as a count, at most the server's ``cap``."""
+    return cap if value == "inf" else min(int(value), cap)
