@@ -7,9 +7,11 @@ no throw-away random initialisation and peaks close to the weights' size.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -140,6 +142,25 @@ def _rows_per_block(shape: list[int], dtype: torch.dtype, block_bytes: int = 64 
     return max(1, block_bytes // row_bytes) if row_bytes * shape[0] > block_bytes else shape[0]
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Quantizing while loading frees a float temporary per layer between the small quantized tensors
+    that stay; without this the freed pages stay counted in the process's RSS (peak +0.15 GB for int8).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def check_state_dict(
     expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], where: str
 ) -> None:
@@ -191,6 +212,7 @@ def load_into_meta_model(
             new = quantized_linear(tensor, module.bias, quantize, group_size)  # type: ignore[arg-type]
             setattr(model.get_submodule(parent) if parent else model, child, new)
             del tensor, new
+            release_freed_memory()
             continue
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
@@ -234,4 +256,5 @@ def load_model(
     model.retie()
     if quantize:
         quantize_tied_heads(model)
+        release_freed_memory()
     return model.eval()
