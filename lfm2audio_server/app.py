@@ -1,4 +1,5 @@
-"""The FastAPI app: /v1/realtime (WebSocket), /health, /ready, /metrics, and the web client at /."""
+"""The FastAPI app: /v1/realtime (WebSocket), the HTTP audio API (/v1/audio/*, /v1/chat/completions,
+/v1/models; http_api.py), /health, /ready, /metrics, and the web client at /."""
 
 from __future__ import annotations
 
@@ -166,8 +167,8 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(config.allowed_origins),
-            allow_methods=["GET"],
-            allow_headers=["Authorization", "api-key"],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "api-key", "Content-Type"],
         )
 
     static_dir = config.resolved_static_dir()
@@ -175,7 +176,8 @@ def create_app(
     @app.middleware("http")
     async def require_key(request: Request, call_next):
         path = request.url.path
-        public = path in PUBLIC_PATHS or (static_dir is not None and path != "/metrics")
+        # The web client's files are public; the API (/v1/...) and /metrics never are.
+        public = path in PUBLIC_PATHS or (static_dir is not None and path != "/metrics" and not path.startswith("/v1/"))
         if state.auth.enabled and not public:
             key = find_key(request.headers, request.query_params)
             if not state.auth.check(key):
@@ -210,6 +212,10 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    from lfm2audio_server import http_api
+
+    http_api.install(app)
 
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:
