@@ -64,7 +64,11 @@ def parse(model: type[BaseModel], data: Any) -> Any:
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+        msg = f"{param}: {err['msg']}" if param else err["msg"]
+        given = err.get("input")
+        if isinstance(given, str | int | float) and err["type"] != "missing":
+            msg += f", got {given!r}" if len(repr(given)) <= 60 else f", got {repr(given)[:60]}..."
+        raise bad_request(msg, param) from None
 
 
 class SamplingIn(BaseModel):

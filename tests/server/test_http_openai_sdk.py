@@ -125,7 +125,11 @@ def test_speech_formats_decode_to_24khz(speech_server):
     c = client(speech_server)
     for fmt in ("opus", "flac", "mp3"):
         data = c.audio.speech.create(
-            model="tts-1", voice="UK male", input="Hello.", response_format=fmt, extra_body={"lfm2audio": {"max_tokens": 20}}
+            model="tts-1",
+            voice="UK male",
+            input="Hello.",
+            response_format=fmt,
+            extra_body={"lfm2audio": {"max_tokens": 20}},
         ).read()
         wave, rate = sf.read(io.BytesIO(data), dtype="float32")
         assert rate == (48_000 if fmt == "opus" else 24_000), fmt
@@ -203,15 +207,19 @@ def test_chat_completion_non_stream_with_audio_out(asr_server, engine, golden):
         model="LFM2-Audio",
         modalities=["text", "audio"],
         audio={"voice": "alloy", "format": "wav"},
-        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}],
+        messages=[
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}
+        ],
         max_tokens=30,
     )
     msg = got.choices[0].message
     wave, rate = sf.read(io.BytesIO(base64.b64decode(msg.audio.data)), dtype="float32")
     assert rate == 24_000 and len(wave) > 0 and len(wave) % 1920 == 0
     assert msg.audio.transcript == msg.content and msg.content
-    assert got.usage.completion_tokens == 30 == got.usage.completion_tokens_details.audio_tokens + (
-        got.usage.completion_tokens_details.text_tokens
+    assert (
+        got.usage.completion_tokens
+        == 30
+        == got.usage.completion_tokens_details.audio_tokens + (got.usage.completion_tokens_details.text_tokens)
     )
 
 
