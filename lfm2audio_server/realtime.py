@@ -51,6 +51,7 @@ from lfm2audio_server.engine_api import (
 )
 from lfm2audio_server.protocol import ProtocolError, event
 from lfm2audio_server.vad import VAD_EXECUTOR, SpeechAudio, SpeechStarted, SpeechStopped, StreamingVad, VadParams
+from lfm2audio_server.voices import VoiceError, session_voice_prompt, voice_style
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -357,10 +358,17 @@ class RealtimeConnection:
 
     def _make_engine_config(self, s: P.SessionSettings) -> SessionConfig:
         t, a = s.effective_text_sampling(), s.effective_audio_sampling()
+        instructions = s.instructions
+        if s.mode == "tts" and instructions is None:
+            try:
+                style = voice_style(self.state.engine)
+                instructions = session_voice_prompt(style, voice=s.voice, output_voice=s.output_voice)
+            except VoiceError as e:
+                raise ProtocolError("invalid_value", str(e), param="session.audio.output.voice") from None
         try:
             return SessionConfig(
                 mode=s.mode,
-                instructions=s.instructions,
+                instructions=instructions,
                 voice=s.voice,
                 text_sampling=SamplingParams(temperature=t.temperature, top_k=t.top_k),
                 audio_sampling=SamplingParams(temperature=a.temperature, top_k=a.top_k),

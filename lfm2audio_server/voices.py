@@ -123,6 +123,21 @@ def resolve_voice(
     return Voice(None, None, PLAIN_PROMPT)
 
 
+def session_voice_prompt(style: VoiceStyle, *, voice: str | None = None, output_voice: Any = None) -> str | None:
+    """The realtime API's TTS prompt. ``lfm2audio.voice``: a preset name, or a free description (kept as
+    the description prompt on every checkpoint, as the extension always did); else ``audio.output.voice``:
+    a preset name (VoiceError for others); None when neither is set (the engine's default prompt)."""
+    if voice and voice.strip():
+        if preset_name(voice) is None:
+            return DESCRIBED_PROMPT.format(description=voice.strip())
+        return resolve_voice(style, voice=voice).prompt
+    if isinstance(output_voice, dict):
+        output_voice = output_voice.get("id")
+    if isinstance(output_voice, str) and output_voice.strip():
+        return resolve_voice(style, voice=output_voice).prompt
+    return None
+
+
 def voice_list(style: VoiceStyle) -> list[dict]:
     """Every voice name with the prompt it produces on this checkpoint (GET /v1/audio/voices)."""
     out = []

@@ -159,3 +159,23 @@ def test_slot_queue_waits_in_order_and_refuses_when_full():
             await q2.open(_FakePool(0), None)
 
     asyncio.run(go())
+
+
+def test_realtime_sessions_use_the_same_voice_mapping(server):
+    """audio.output.voice and lfm2audio.voice go through voices.py in the realtime API too."""
+    from rt_client import Client, run, setup
+
+    async def go():
+        async with await Client.connect(server.url) as c:
+            upd = await setup(c, lfm2audio={"mode": "tts"}, audio={"output": {"voice": "shimmer"}})
+            assert upd["session"]["instructions"] == "Perform TTS. Use the UK female voice."
+            upd = await setup(c, lfm2audio={"mode": "tts", "voice": "us_male"})
+            assert upd["session"]["instructions"] == "Perform TTS. Use the US male voice."
+            await c.send(
+                "session.update",
+                session={"type": "realtime", "audio": {"output": {"voice": "robot"}}, "lfm2audio": {"voice": None}},
+            )
+            err = await c.wait_for("error")
+            assert err["error"]["code"] == "invalid_value" and "unknown voice 'robot'" in err["error"]["message"]
+
+    run(go())
