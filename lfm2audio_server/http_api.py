@@ -218,6 +218,7 @@ async def speech(request: Request) -> Response:
                     if chunk:
                         yield chunk
                 elif isinstance(ev, ResponseDone):
+                    # A failure mid-stream cannot change the status sent; the audio just ends (and is logged).
                     tail = encoder.finish()
                     if tail:
                         yield tail

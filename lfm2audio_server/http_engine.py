@@ -10,6 +10,7 @@ with 503 and ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from lfm2audio_server.engine_api import (
     SessionConfig,
     TextDelta,
 )
+from lfm2audio_server.logging import session_id_var
+
+log = logging.getLogger("lfm2audio_server.http")
 
 
 class APIError(Exception):
@@ -150,6 +154,8 @@ class EngineRequest:
         if not state.ready or state.engine is None:
             raise APIError(503, "model_not_ready", "the model is still loading; retry shortly", retry_after=1)
         self.session = await http_slots(state).open(state.engine, self.config)
+        # This request's log lines carry its engine session id (each request runs in its own task and context).
+        session_id_var.set(self.session.id)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -185,7 +191,8 @@ class EngineRequest:
             raise APIError(500, e.code, str(e)) from None
         self.outcome.started = time.monotonic()
         first = await self.session.events.aget()
-        if isinstance(first, ResponseDone) and first.status in ("failed", "incomplete") and not first.text:
+        if isinstance(first, ResponseDone) and not first.text and _refused(first):
+            # The engine refused the turn before producing anything: an HTTP error, not an empty answer.
             self._record(first)
             reason = first.reason or first.status
             if reason.startswith("context_limit"):
@@ -224,15 +231,33 @@ class EngineRequest:
 
     def _record(self, done: ResponseDone) -> None:
         self.outcome.done = done
+        st = done.stats
+        log.info(
+            "http response %s: %s",
+            done.status,
+            done.reason,
+            extra={
+                "mode": self.config.mode,
+                "status": done.status,
+                "reason": done.reason,
+                "text_tokens": st.text_tokens,
+                "audio_frames": st.audio_frames,
+                "ttfa_s": st.time_to_first_audio_s,
+                "duration_s": round(st.duration_s, 3),
+            },
+        )
         m = self.state.metrics
         m.responses.labels(self.config.mode, done.status).inc()
-        st = done.stats
         if st.text_tokens:
             m.text_tokens.inc(st.text_tokens)
         if st.time_to_first_token_s is not None:
             m.ttft.observe(st.time_to_first_token_s)
         if st.real_time_factor is not None:
             m.rtf.observe(st.real_time_factor)
+
+
+def _refused(done: ResponseDone) -> bool:
+    return done.status == "failed" or (done.reason or "").startswith("context_limit")
 
 
 def http_slots(state: Any) -> SlotQueue:
