@@ -68,6 +68,7 @@ class ServerState:
         self.load_error: str | None = None
         self.draining = False
         self.connections: set[RealtimeConnection] = set()
+        self.http_requests: set[Any] = set()  # HTTP API responses in flight (http_engine.EngineRequest)
         self.model_name = Path(config.model).name if Path(config.model).exists() else config.model
         self._drained: asyncio.Event | None = None
         self._hurry = False
@@ -92,14 +93,20 @@ class ServerState:
         self.set_ready(False)
         log.info("draining: %d sessions, grace %.1f s", len(self.connections), grace)
         deadline = time.monotonic() + grace
-        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+
+        def busy() -> bool:
+            return any(c.current is not None for c in self.connections) or bool(self.http_requests)
+
+        while busy() and time.monotonic() < deadline:
             if self._hurry:
                 break
             await asyncio.sleep(0.05)
         for c in list(self.connections):
             c._cancel("server_shutdown")
+        for r in list(self.http_requests):
+            r.cancel_for_shutdown()
         deadline = time.monotonic() + 2.0
-        while any(c.current is not None for c in self.connections) and time.monotonic() < deadline:
+        while busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.close(

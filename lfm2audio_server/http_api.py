@@ -19,7 +19,7 @@ from lfm2audio_server import protocol as P
 from lfm2audio_server.audio import b64
 from lfm2audio_server.audio_files import SPEECH_FORMATS, AudioFileError, SpeechEncoder, decode_audio
 from lfm2audio_server.engine_api import AudioFrame, ResponseDone, SamplingParams, SessionConfig, TextDelta
-from lfm2audio_server.http_engine import APIError, EngineRequest, bad_request, stream_error, usage_tokens
+from lfm2audio_server.http_engine import APIError, EngineRequest, bad_request, usage_tokens
 from lfm2audio_server.voices import VoiceError, resolve_voice, voice_list, voice_style
 
 router = APIRouter()
@@ -236,8 +236,9 @@ async def speech(request: Request) -> Response:
                 if chunk:
                     yield sse({"type": "speech.audio.delta", "audio": b64(chunk)})
                 if isinstance(ev, ResponseDone):
-                    if ev.status == "failed":
-                        yield sse({"type": "error", "error": stream_error(ev.reason)})
+                    failure = run.failure()
+                    if failure is not None:
+                        yield sse({"type": "error", **failure.body()})
                         return
                     prompt, completion, _, _ = usage_tokens(ev)
                     yield sse(
@@ -354,8 +355,9 @@ async def transcriptions(request: Request) -> Response:
                     if isinstance(ev, TextDelta):
                         yield sse({"type": "transcript.text.delta", "delta": ev.text})
                     elif isinstance(ev, ResponseDone):
-                        if ev.status == "failed":
-                            yield sse({"type": "error", "error": stream_error(ev.reason)})
+                        failure = run.failure()
+                        if failure is not None:
+                            yield sse({"type": "error", **failure.body()})
                             return
                         yield sse({"type": "transcript.text.done", "text": run.outcome.transcript, "usage": usage()})
             finally:
@@ -368,9 +370,9 @@ async def transcriptions(request: Request) -> Response:
             pass
     finally:
         run.close()
-    done = run.outcome.done
-    if done is not None and done.status == "failed":
-        raise APIError(500, "generation_failed", f"generation failed: {done.reason}")
+    failure = run.failure()
+    if failure is not None:
+        raise failure
     text = run.outcome.transcript
     if fmt == "text":
         return PlainTextResponse(text + "\n")
@@ -399,6 +401,8 @@ def install(app: FastAPI) -> None:
     state = app.state.server
     if not hasattr(state, "started"):
         state.started = time.time()
+    if not hasattr(state, "http_requests"):
+        state.http_requests = set()
     app.include_router(router)
     app.include_router(chat_router)
     app.add_exception_handler(APIError, _api_error)

@@ -35,11 +35,9 @@ from lfm2audio_server.audio_files import AudioFileError, decode_audio, encode_wh
 from lfm2audio_server.engine_api import OUTPUT_SAMPLE_RATE, AudioFrame, ResponseDone, SessionConfig, TextDelta
 from lfm2audio_server.http_api import SSE_HEADERS, ExtensionIn, parse, read_json, sampling_params, sse, token_budget
 from lfm2audio_server.http_engine import (
-    APIError,
     EngineRequest,
     bad_request,
     finish_reason,
-    stream_error,
     usage_tokens,
 )
 from lfm2audio_server.voices import PLAIN_PROMPT, VoiceError, resolve_voice, voice_style
@@ -281,8 +279,9 @@ async def chat_completions(request: Request) -> Response:
                         f32 = b64(np.ascontiguousarray(ev.pcm, dtype="<f4").tobytes())
                         yield chunk({"audio": audio, "audio_chunk": {"data": f32, "sample_rate": OUTPUT_SAMPLE_RATE}})
                     elif isinstance(ev, ResponseDone):
-                        if ev.status == "failed":
-                            yield sse({"error": stream_error(ev.reason)})
+                        failure = run.failure()
+                        if failure is not None:
+                            yield sse(failure.body())
                             return
                         yield chunk({}, finish_reason(ev))
                         if include_usage:
@@ -310,8 +309,9 @@ async def chat_completions(request: Request) -> Response:
     finally:
         run.close()
     done = run.outcome.done
-    if done is not None and done.status == "failed":
-        raise APIError(500, "generation_failed", f"generation failed: {done.reason}")
+    failure = run.failure()
+    if failure is not None:
+        raise failure
     text = run.outcome.transcript
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if audio_out:

@@ -56,11 +56,6 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def stream_error(reason: str | None) -> dict:
-    """The error object sent in an event stream when generation fails after the response began."""
-    return {"message": f"generation failed: {reason}", "type": "server_error", "code": "generation_failed"}
-
-
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, code, message, param=param)
 
@@ -145,6 +140,7 @@ class EngineRequest:
         self.config = config
         self.session: Any = None
         self.outcome = Outcome(config.mode)
+        self.shutting_down = False
         self._first: Any = None
 
     async def __aenter__(self) -> EngineRequest:
@@ -156,15 +152,32 @@ class EngineRequest:
         self.session = await http_slots(state).open(state.engine, self.config)
         # This request's log lines carry its engine session id (each request runs in its own task and context).
         session_id_var.set(self.session.id)
+        state.http_requests.add(self)  # a draining server waits for these, then cancels them
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        self.state.http_requests.discard(self)
         if self.session is not None and not self.session.closed:
             self.session.cancel()
             self.session.close()
+
+    def cancel_for_shutdown(self) -> None:
+        """End the response within one engine step (the server is shutting down); its stream says so."""
+        self.shutting_down = True
+        if self.session is not None:
+            self.session.cancel()
+
+    def failure(self) -> APIError | None:
+        """Why a finished response did not complete normally, if it failed or the server cut it short."""
+        done = self.outcome.done
+        if self.shutting_down:
+            return APIError(503, "server_shutting_down", "the server is shutting down", retry_after=1)
+        if done is not None and done.status == "failed":
+            return APIError(500, "generation_failed", f"generation failed: {done.reason}")
+        return None
 
     def add_audio(self, pcm: np.ndarray, rate: int) -> None:
         from lfm2audio_server.engine_api import EmptyInputError, InputTooLargeError
