@@ -185,6 +185,8 @@ def create_app(
         path = request.url.path
         # The web client's files are public; the API (/v1/...) and /metrics never are.
         public = path in PUBLIC_PATHS or (static_dir is not None and path != "/metrics" and not path.startswith("/v1/"))
+        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+            public = True  # a CORS preflight carries no key; the CORS middleware answers it
         if state.auth.enabled and not public:
             key = find_key(request.headers, request.query_params)
             if not state.auth.check(key):

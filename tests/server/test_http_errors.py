@@ -167,3 +167,23 @@ def test_streamed_errors_before_the_first_byte_are_http_errors(srv):
     r = post(srv, "/v1/chat/completions", json=body)
     error_of(r, 400, "context_length_exceeded")
     assert "context" in json.loads(r.text)["error"]["message"]
+
+
+def test_browser_preflight_and_voices(engine):
+    """With allowed origins, a browser's CORS preflight (no key) is answered; the real request needs the key."""
+    with serve(engine, api_keys=(KEY,), allowed_origins=("http://app.example",)) as s:
+        pre = httpx.options(
+            s.http + "/v1/audio/speech",
+            headers={
+                "Origin": "http://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
+        assert httpx.get(s.http + "/v1/audio/voices").status_code == 401
+        voices = httpx.get(s.http + "/v1/audio/voices", headers=AUTH).json()
+        assert voices["voice_style"] == "named"
+        assert {"id": "alloy", "speaker": "US female", "prompt": "Perform TTS. Use the US female voice."} in voices[
+            "data"
+        ]
