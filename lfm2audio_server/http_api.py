@@ -7,6 +7,7 @@ stateless engine response (http_engine.py); errors have OpenAI's JSON shape.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Literal
@@ -50,7 +51,7 @@ async def read_body(request: Request) -> bytes:
 async def read_json(request: Request) -> dict:
     body = await read_body(request)
     try:
-        data = json.loads(body)
+        data = json.loads(body) if len(body) < 1 << 20 else await asyncio.to_thread(json.loads, body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -325,7 +326,7 @@ async def transcriptions(request: Request) -> Response:
     language = _form_str(form, "language") or "en"
 
     try:
-        pcm, rate = decode_audio(await upload.read())
+        pcm, rate = await asyncio.to_thread(decode_audio, await upload.read())  # off the event loop
     except AudioFileError as e:
         raise bad_request(str(e), "file", "invalid_audio_file") from None
     duration = len(pcm) / rate

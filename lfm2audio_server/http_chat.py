@@ -19,6 +19,7 @@ LiquidAI plugin), both mono 24 kHz.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
@@ -190,7 +191,8 @@ async def chat_completions(request: Request) -> Response:
         raise bad_request("stop sequences are not supported", "stop")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
         raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
-    system, parts = parse_messages(req.messages)
+    # Off the event loop: base64 and audio decoding of large uploads take a while.
+    system, parts = await asyncio.to_thread(parse_messages, req.messages)
     mode, audio_out = choose_mode(req, system)
     audio_fmt = AUDIO_OUT_FORMATS.get((req.audio.format if req.audio else "pcm16").lower())
     if audio_out and audio_fmt is None:
