@@ -140,7 +140,8 @@ def _env_name(opt: _Opt) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lfm2audio-server",
-        description="Real-time speech-to-speech over the OpenAI Realtime protocol (WebSocket /v1/realtime).",
+        description="Real-time speech-to-speech over the OpenAI Realtime protocol (WebSocket /v1/realtime), "
+        "and OpenAI's HTTP audio APIs (/v1/audio/transcriptions, /v1/audio/speech, /v1/chat/completions).",
         epilog="Every flag also reads LFM2AUDIO_<FLAG> from the environment (e.g. LFM2AUDIO_API_KEY, "
         "LFM2AUDIO_MAX_SESSIONS); flags win.",
     )
