@@ -13,14 +13,14 @@ import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lfm2audio_server import protocol as P
 from lfm2audio_server.audio import b64
 from lfm2audio_server.audio_files import SPEECH_FORMATS, AudioFileError, SpeechEncoder, decode_audio
 from lfm2audio_server.engine_api import AudioFrame, ResponseDone, SamplingParams, SessionConfig, TextDelta
-from lfm2audio_server.http_engine import APIError, EngineRequest, bad_request, usage_tokens
+from lfm2audio_server.http_engine import APIError, EngineRequest, EngineStream, bad_request, usage_tokens
 from lfm2audio_server.voices import VoiceError, resolve_voice, voice_list, voice_style
 
 router = APIRouter()
@@ -256,8 +256,8 @@ async def speech(request: Request) -> Response:
             run.close()
 
     if req.stream_format == "sse":
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
-    return StreamingResponse(audio_bytes(), media_type=encoder.media_type)
+        return EngineStream(events(), run, media_type="text/event-stream", headers=SSE_HEADERS)
+    return EngineStream(audio_bytes(), run, media_type=encoder.media_type)
 
 
 # POST /v1/audio/transcriptions ---------------------------------------------------------------------------
@@ -364,7 +364,7 @@ async def transcriptions(request: Request) -> Response:
             finally:
                 run.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EngineStream(events(), run, media_type="text/event-stream", headers=SSE_HEADERS)
 
     try:
         async for _ in run.events():

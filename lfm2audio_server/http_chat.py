@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from lfm2audio_server.audio import b64, float_to_pcm16
@@ -37,6 +37,7 @@ from lfm2audio_server.engine_api import OUTPUT_SAMPLE_RATE, AudioFrame, Response
 from lfm2audio_server.http_api import SSE_HEADERS, ExtensionIn, parse, read_json, sampling_params, sse, token_budget
 from lfm2audio_server.http_engine import (
     EngineRequest,
+    EngineStream,
     bad_request,
     finish_reason,
     usage_tokens,
@@ -301,7 +302,7 @@ async def chat_completions(request: Request) -> Response:
             finally:
                 run.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EngineStream(events(), run, media_type="text/event-stream", headers=SSE_HEADERS)
 
     pcm: list[np.ndarray] = []
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from starlette.responses import StreamingResponse
 
 from lfm2audio_server.engine_api import (
     AudioFrame,
@@ -267,6 +268,21 @@ class EngineRequest:
             m.ttft.observe(st.time_to_first_token_s)
         if st.real_time_factor is not None:
             m.rtf.observe(st.real_time_factor)
+
+
+class EngineStream(StreamingResponse):
+    """A streamed response that frees its engine session however it ends: finished, client gone (even
+    before the body's generator started, when its ``finally`` never runs), or cancelled."""
+
+    def __init__(self, content: Any, run: EngineRequest, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._run = run
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._run.close()
 
 
 def _refused(done: ResponseDone) -> bool:

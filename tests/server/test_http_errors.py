@@ -187,3 +187,26 @@ def test_browser_preflight_and_voices(engine):
         assert {"id": "alloy", "speaker": "US female", "prompt": "Perform TTS. Use the US female voice."} in voices[
             "data"
         ]
+
+
+def test_a_client_gone_before_the_first_byte_frees_its_slot(tts_srv, tts_engine):
+    import socket
+
+    body = json.dumps(
+        {"input": "Never heard.", "voice": "alloy", "response_format": "pcm", "lfm2audio": {"max_tokens": 2000}}
+    )
+    before = tts_engine.active_sessions
+    with socket.create_connection(("127.0.0.1", tts_srv.port)) as sock:
+        head = (
+            f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body.encode())
+    deadline = time.monotonic() + 10
+    seen_busy = False
+    while time.monotonic() < deadline:
+        seen_busy = seen_busy or tts_engine.active_sessions > before
+        if seen_busy and tts_engine.active_sessions == before:
+            break
+        time.sleep(0.01)
+    assert tts_engine.active_sessions == before, "the slot of a vanished client was freed"
