@@ -49,7 +49,7 @@ def test_sigterm_drains_http_responses(tts_checkpoint):
             "voice": "alloy",
             "response_format": "pcm",
             "stream_format": "sse",
-            "lfm2audio": {"max_tokens": 2000},
+            "lfm2audio": {"max_tokens": 2000, "sampling": {"audio": {"temperature": 0}}},
         }
         events = []
         with httpx.stream("POST", base + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
