@@ -129,7 +129,7 @@ def test_speech_formats_decode_to_24khz(speech_server):
             voice="UK male",
             input="Hello.",
             response_format=fmt,
-            extra_body={"lfm2audio": {"max_tokens": 20}},
+            extra_body={"lfm2audio": {**GREEDY_SPEECH, "max_tokens": 20}},
         ).read()
         wave, rate = sf.read(io.BytesIO(data), dtype="float32")
         assert rate == (48_000 if fmt == "opus" else 24_000), fmt
