@@ -1,4 +1,5 @@
-"""The FastAPI app: /v1/realtime (WebSocket), /health, /ready, /metrics, and the web client at /."""
+"""The FastAPI app: /v1/realtime (WebSocket), the HTTP audio API (/v1/audio/*, /v1/chat/completions,
+/v1/models; http_api.py), /health, /ready, /metrics, and the web client at /."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lfm2audio_server.connection import RealtimeConnection
 from lfm2audio_server.logging import session_id_var
 from lfm2audio_server.metrics import Metrics
 from lfm2audio_server.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, ProtocolError
+from lfm2audio_server.voices import voice_style
 
 log = logging.getLogger("lfm2audio_server")
 
@@ -62,6 +64,7 @@ class ServerState:
         self.load_error: str | None = None
         self.draining = False
         self.connections: set[RealtimeConnection] = set()
+        self.http_requests: set[Any] = set()  # HTTP API responses in flight (http_engine.EngineRequest)
         self.model_name = Path(config.model).name if Path(config.model).exists() else config.model
         self._drained: asyncio.Event | None = None
         self._hurry = False
@@ -86,14 +89,20 @@ class ServerState:
         self.set_ready(False)
         log.info("draining: %d sessions, grace %.1f s", len(self.connections), grace)
         deadline = time.monotonic() + grace
-        while any(c.responding for c in self.connections) and time.monotonic() < deadline:
+
+        def busy() -> bool:
+            return any(c.responding for c in self.connections) or bool(self.http_requests)
+
+        while busy() and time.monotonic() < deadline:
             if self._hurry:
                 break
             await asyncio.sleep(0.05)
         for c in list(self.connections):
             c.cancel_response("server_shutdown")
+        for r in list(self.http_requests):
+            r.cancel_for_shutdown()
         deadline = time.monotonic() + 2.0
-        while any(c.responding for c in self.connections) and time.monotonic() < deadline:
+        while busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.shutdown()
@@ -157,8 +166,8 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(config.allowed_origins),
-            allow_methods=["GET"],
-            allow_headers=["Authorization", "api-key"],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "api-key", "Content-Type"],
         )
 
     static_dir = config.resolved_static_dir()
@@ -166,7 +175,10 @@ def create_app(
     @app.middleware("http")
     async def require_key(request: Request, call_next):
         path = request.url.path
-        public = path in PUBLIC_PATHS or (static_dir is not None and path != "/metrics")
+        # The web client's files are public; the API (/v1/...) and /metrics never are.
+        public = path in PUBLIC_PATHS or (static_dir is not None and path != "/metrics" and not path.startswith("/v1/"))
+        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+            public = True  # a CORS preflight carries no key; the CORS middleware answers it
         if state.auth.enabled and not public:
             key = find_key(request.headers, request.query_params)
             if not state.auth.check(key):
@@ -191,6 +203,10 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    from lfm2audio_server import http_api
+
+    http_api.install(app)
 
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:
@@ -286,7 +302,8 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
         return
 
     conn = RealtimeConnection(
-        ws, session, cfg, state.metrics, model_name=state.model_name, draining=lambda: state.draining
+        ws, session, cfg, state.metrics, model_name=state.model_name, draining=lambda: state.draining,
+        voice_style=voice_style(state.engine),
     )
     state.connections.add(conn)
     state.metrics.active_sessions.inc()

@@ -42,6 +42,10 @@ class ServerConfig:
     send_queue_max_bytes: int = 4 * 1024 * 1024
     send_queue_max_messages: int = 2048
     max_output_tokens: int = 2048  # cap of a response; "inf" means this
+    # HTTP API (docs/http.md)
+    http_max_body_bytes: int = 32 * 1024 * 1024  # an upload or JSON body (base64 audio included)
+    http_max_queue: int = 64  # requests waiting for a free engine slot
+    http_queue_timeout_s: float = 30.0  # longest wait for a slot before 503
     # Operations
     log_level: str = "info"
     shutdown_grace_s: float = 10.0
@@ -49,16 +53,19 @@ class ServerConfig:
     def __post_init__(self) -> None:
         positive = (
             "port max_sessions max_context prefill_chunk max_message_bytes send_queue_max_bytes "
-            "send_queue_max_messages max_output_tokens"
+            "send_queue_max_messages max_output_tokens http_max_body_bytes"
         )
         for name in positive.split():
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "port" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_input_audio_s", "max_session_s", "idle_timeout_s", "shutdown_grace_s"):
+        seconds = ("max_input_audio_s", "max_session_s", "idle_timeout_s", "shutdown_grace_s", "http_queue_timeout_s")
+        for name in seconds:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if not isinstance(self.http_max_queue, int) or self.http_max_queue < 0:
+            raise ConfigError(f"http_max_queue must be a non-negative integer, got {self.http_max_queue!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantize not in (None, "int8", "int4"):
@@ -122,6 +129,9 @@ _OPTIONS = [
     _Opt("--send-queue-bytes", "send_queue_max_bytes", int, "unsent output per connection before drop (4 MiB)"),
     _Opt("--send-queue-messages", "send_queue_max_messages", int, "unsent messages per connection (2048)"),
     _Opt("--max-output-tokens", "max_output_tokens", int, "cap on a response's tokens (default 2048)"),
+    _Opt("--http-max-body-bytes", "http_max_body_bytes", int, "largest HTTP request body (default 32 MiB)"),
+    _Opt("--http-max-queue", "http_max_queue", int, "HTTP requests waiting for a free slot (default 64)"),
+    _Opt("--http-queue-timeout", "http_queue_timeout_s", float, "seconds an HTTP request waits for a slot (30)"),
     _Opt("--log-level", "log_level", str, "critical | error | warning | info | debug (default info)"),
     _Opt("--shutdown-grace", "shutdown_grace_s", float, "seconds in-flight responses get on SIGTERM (default 10)"),
 ]
@@ -134,7 +144,8 @@ def _env_name(opt: _Opt) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lfm2audio-server",
-        description="Real-time speech-to-speech over the OpenAI Realtime protocol (WebSocket /v1/realtime).",
+        description="Real-time speech-to-speech over the OpenAI Realtime protocol (WebSocket /v1/realtime), "
+        "and OpenAI's HTTP audio APIs (/v1/audio/transcriptions, /v1/audio/speech, /v1/chat/completions).",
         epilog="Every flag also reads LFM2AUDIO_<FLAG> from the environment (e.g. LFM2AUDIO_API_KEY, "
         "LFM2AUDIO_MAX_SESSIONS); flags win.",
     )

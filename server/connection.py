@@ -48,6 +48,7 @@ from lfm2audio_server.protocol import (
 from lfm2audio_server.responses import Responses
 from lfm2audio_server.settings import RealtimeSettings, resolve_max_tokens
 from lfm2audio_server.vad import SpeechStarted, SpeechStopped
+from lfm2audio_server.voices import VoiceError, VoiceStyle, session_voice_prompt
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -68,8 +69,10 @@ class RealtimeConnection:
         *,
         model_name: str,
         draining: Callable[[], bool],
+        voice_style: VoiceStyle = "described",
     ) -> None:
         self.ws = ws
+        self.voice_style = voice_style
         self.cfg = config
         self.metrics = metrics
         self.session = session
@@ -297,10 +300,16 @@ class RealtimeConnection:
 
     def _engine_config(self, s: RealtimeSettings) -> SessionConfig:
         t, a = s.effective_text_sampling(), s.effective_audio_sampling()
+        instructions = s.instructions
+        if s.mode == "tts" and instructions is None:
+            try:
+                instructions = session_voice_prompt(self.voice_style, voice=s.voice, output_voice=s.output_voice)
+            except VoiceError as e:
+                raise ProtocolError("invalid_value", str(e), param="session.audio.output.voice") from None
         try:
             return SessionConfig(
                 mode=s.mode,
-                instructions=s.instructions,
+                instructions=instructions,
                 voice=s.voice,
                 text_sampling=SamplingParams(temperature=t.temperature, top_k=t.top_k),
                 audio_sampling=SamplingParams(temperature=a.temperature, top_k=a.top_k),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lfm2audio.engine import DEFAULT_SAMPLING
+
 BinaryFormat = Literal["pcm16", "opus"]
 
 
@@ -29,9 +31,10 @@ class Sampling:
     top_k: int | None = None
 
 
-# liquid-audio's recommended settings; text is greedy unless the client says otherwise.
-DEFAULT_AUDIO_SAMPLING = {"chat": Sampling(1.0, 4), "tts": Sampling(0.8, 64), "asr": Sampling(None, None)}
-DEFAULT_TEXT_SAMPLING = Sampling(None, None)
+# liquid-audio's recommended settings (text greedy unless the client says otherwise): the engine's
+# per-mode defaults (their one home), as the protocol's plain values.
+DEFAULT_AUDIO_SAMPLING = {mode: Sampling(a.temperature, a.top_k) for mode, (_, a) in DEFAULT_SAMPLING.items()}
+DEFAULT_TEXT_SAMPLING = Sampling(DEFAULT_SAMPLING["chat"][0].temperature, DEFAULT_SAMPLING["chat"][0].top_k)
 
 
 @dataclass(frozen=True)
