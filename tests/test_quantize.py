@@ -162,3 +162,28 @@ def test_bfloat16_activations_with_quantized_weights(checkpoint_dir):
 def test_plain_linear_is_untouched_without_quantize(model_f32):
     assert isinstance(model_f32.get_submodule("lfm.layers.0.feed_forward.w1"), Linear)
     assert not any(isinstance(m, Int8Linear | Int4Linear) for m in model_f32.modules())
+
+
+# Command lines ---------------------------------------------------------------------------------------
+
+
+def test_server_quantize_flag_builds_a_quantized_engine(checkpoint_dir):
+    from lfm2audio_server.app import default_engine_factory
+    from lfm2audio_server.config import ConfigError, ServerConfig, load_config
+
+    config = load_config(["--model", str(checkpoint_dir), "--quantize", "int8", "--max-sessions", "2"], {})
+    assert config.quantize == "int8"
+    assert load_config([], {"LFM2AUDIO_QUANTIZE": "int4"}).quantize == "int4"
+    with pytest.raises(ConfigError, match="quantize"):
+        ServerConfig(quantize="int3")
+    engine = default_engine_factory(config.replace(device="cpu"))
+    assert isinstance(engine.model.get_submodule("lfm.layers.0.feed_forward.w1"), Int8Linear)
+
+
+def test_cli_quantize_flag():
+    from lfm2audio.cli import build_parser
+
+    args = build_parser().parse_args(["asr", "--quantize", "int4", "x.wav"])
+    assert args.quantize == "int4"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["asr", "--quantize", "int3", "x.wav"])
