@@ -146,6 +146,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prepare: ThreadPoolExecutor | None = None
+        self._manual = False  # stepped by the caller with step() instead of the engine thread
         self._prefill_queue: deque[_Slot] = deque()
         self.steps = 0
         self.last_step_s = 0.0  # wall time of the last step that ran the batch (for benches and metrics)
@@ -184,6 +185,22 @@ class Engine:
         if self._prepare is not None:
             self._prepare.shutdown(wait=False, cancel_futures=True)
             self._prepare = None
+
+    def step(self) -> bool:
+        """Run queued commands and one step in the calling thread (benchmarks and tests; no engine thread).
+
+        Returns whether the step did any work. Requests are still prepared on
+        the prepare thread: ``step`` until their responses appear.
+        """
+        if self._thread is not None:
+            raise RuntimeError("the engine thread is running; step() is for an engine that was not started")
+        if not self._manual:
+            self._manual = True
+            self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lfm2audio-prepare")
+        with torch.inference_mode():
+            while self._commands:
+                self._commands.popleft()()
+            return self._step()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -277,7 +294,7 @@ class Engine:
             self._close_now(session)
             done.set()
 
-        if self._thread is None:  # nothing can be running: free the slot directly
+        if self._thread is None and not self._manual:  # nothing can be running: free the slot directly
             close()
         else:
             self._command(close)
@@ -293,7 +310,7 @@ class Engine:
             self._slots[session.slot] = None
 
     def _command(self, fn: Callable[[], None]) -> None:
-        if self._thread is None:
+        if self._thread is None and not self._manual:
             raise RuntimeError("the engine is not running; call engine.start() first")
         self._commands.append(fn)
         self._wake.set()
