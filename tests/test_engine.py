@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from devices import DEVICE, DTYPE
 from golden_chat import SYSTEM, TTS_TEXT, TURN2_TEXT, as_steps, build_state
 
 from lfm2audio import ChatState, LFM2AudioModel, LFM2AudioProcessor, LFMModality, SamplingParams
@@ -33,17 +34,17 @@ TTS_VOICE = SYSTEM["tts"].split("voice: ")[1]
 
 @pytest.fixture(scope="module")
 def proc(checkpoint_dir):
-    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
 def model(checkpoint_dir):
-    return LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu")
+    return LFM2AudioModel.from_pretrained(checkpoint_dir, device=DEVICE, dtype=DTYPE)
 
 
 @pytest.fixture(scope="module")
 def model_tts(checkpoint_tts_dir):
-    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device="cpu")
+    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device=DEVICE, dtype=DTYPE)
 
 
 @pytest.fixture()
