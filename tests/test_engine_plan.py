@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from lfm2audio.engine.plan import RowState, plan_step
+from lfm2audio.engine.plan import PlanRow, plan_step
 from lfm2audio.tokens import LFMModality
 
 T, A = LFMModality.TEXT, LFMModality.AUDIO_OUT
 
 
 def row(slot, *, offset=10, total=10, snapshot=None, feeding=True, modality=T, length=20):
-    return RowState(slot, offset, total, snapshot, feeding, modality, length)
+    return PlanRow(slot, offset, total, snapshot, feeding, modality, length)
 
 
 def test_decoding_rows_feed_and_sample_by_modality():

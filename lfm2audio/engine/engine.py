@@ -61,7 +61,7 @@ from lfm2audio.engine.events import (
     TextDelta,
 )
 from lfm2audio.engine.history import History, Item, Turn, model_inputs
-from lfm2audio.engine.plan import RowState, StepPlan, plan_step
+from lfm2audio.engine.plan import PlanRow, StepPlan, plan_step
 from lfm2audio.engine.prompt import ContextLimitError, PromptBuilder, fit_turns
 from lfm2audio.engine.session import Session, UserPart
 from lfm2audio.engine.step import BatchStep, StepResult
@@ -464,7 +464,7 @@ class Engine:
                 continue
             resp = st.response
             rows.append(
-                RowState(
+                PlanRow(
                     st.session.slot, resp.offset, resp.offset + resp.prompt.shape[0], resp.snapshot_at,
                     resp.feeding, resp.decoder.modality, st.length,
                 )  # fmt: skip
