@@ -101,6 +101,10 @@ class Outbox:
         (called by the connection's watchdog)."""
         if self.dead.is_set():
             return
+        if self.closing_since is None and _transport_closing(self.ws):
+            # The WebSocket layer is closing the socket itself (its keepalive ping timed out): from here
+            # on the close deadlines apply, though no close of ours is queued.
+            self.closing_since = now
         if self.sending_since is not None and now - self.sending_since > self.send_timeout_s:
             self.drop("send_timeout")
         elif self.closing_since is not None and now - self.closing_since > CLOSE_DEADLINE_S + self.send_timeout_s:
@@ -177,13 +181,22 @@ def _finite(v: Any) -> Any:
     return v
 
 
+def _transport(ws: Any) -> Any:
+    """The asyncio transport under ``ws``, or None. uvicorn's WebSocket protocols pass their bound
+    ``receive`` as the ASGI receive callable, which leads to it; another server gives None."""
+    proto = getattr(getattr(ws, "_receive", None), "__self__", None)
+    return getattr(proto, "transport", None)
+
+
+def _transport_closing(ws: Any) -> bool:
+    t = _transport(ws)
+    return bool(t is not None and hasattr(t, "is_closing") and t.is_closing())
+
+
 def abort_transport(ws: Any) -> bool:
     """Drop the TCP connection under ``ws`` at once (a close frame cannot reach a client that reads
-    nothing; a graceful transport close would wait for it forever). uvicorn's WebSocket protocols pass
-    their bound ``receive`` as the ASGI receive callable, which leads to the transport; False when the
-    server is another."""
-    proto = getattr(getattr(ws, "_receive", None), "__self__", None)
-    transport = getattr(proto, "transport", None)
+    nothing; a graceful transport close would wait for it forever). False when it cannot be reached."""
+    transport = _transport(ws)
     if transport is None or not hasattr(transport, "abort"):
         return False
     transport.abort()

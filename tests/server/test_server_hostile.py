@@ -97,6 +97,34 @@ def test_dead_reader_frees_its_slot(engine, timeout):
     assert errors.lines() == []
 
 
+def test_dead_reader_after_keepalive_timeout(engine):
+    """The WebSocket layer's keepalive gives up on a client that reads nothing (while a write of ours is
+    blocked): the slot is free within seconds, though every timeout of ours is a minute."""
+    config = ServerConfig(
+        model="golden-tiny", max_sessions=1, send_timeout_s=60.0, max_session_s=60.0, idle_timeout_s=60.0
+    )
+    s = LiveServer(create_app(config, engine=engine), config, sndbuf=4096)
+    s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 0.5, 0.5
+    with s, ErrorLog() as errors:
+
+        async def go():
+            t0 = time.monotonic()
+            ws = await dead_reader(s.port, s.url, talk("Talk to me for a long time.", 1500))
+            while True:
+                assert time.monotonic() - t0 < 10.0, "the slot was not freed after the keepalive timeout"
+                try:
+                    c = await StrictClient.connect(s.url)
+                    break
+                except websockets.InvalidStatus:
+                    await asyncio.sleep(0.25)
+            await c.wait_for("session.created")
+            await c.close()
+            ws.transport.abort()
+
+        run(go())
+    assert errors.lines() == []
+
+
 # 3, 4, 5. Lone surrogates, NaN, deep nesting, huge integers: invalid_request_error naming the field ----
 
 SURROGATE = "\ud800"
