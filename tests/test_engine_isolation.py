@@ -5,10 +5,13 @@ cache rows back)."""
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 
-from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
-from lfm2audio.engine import Engine, EngineConfig, ResponseDone, SessionConfig, TextDelta
+from lfm2audio import LFM2AudioModel, LFM2AudioProcessor, LFMModality
+from lfm2audio.engine import Engine, EngineConfig, ResponseDone, SessionConfig, SessionEvent, TextDelta
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +97,56 @@ def test_a_failing_row_fails_only_itself(engine, monkeypatch, where):
     assert done_b.status in ("completed", "incomplete")
     a.close()
     b.close()
+
+
+def _small_context_engine(checkpoint_dir):
+    proc = LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+    model = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu")
+    return Engine(model, proc, EngineConfig(max_sessions=2, prefill_chunk=16, max_context=400)).start()
+
+
+def test_history_is_reembedded_off_the_engine_thread(checkpoint_dir, golden, monkeypatch):
+    """After a truncation the kept history (audio turns) is embedded again: on the prepare thread, and
+    with the same tokens as when the engine thread does it."""
+    wave = np.tile(golden["input.wave_user1"][0].numpy(), 2)  # 4 s: about 50 positions a turn
+
+    def conversation(engine) -> tuple[list[int], bool]:
+        s = engine.open_session(SessionConfig(mode="chat", max_output_tokens=8, seed=3))
+        for _ in range(2):
+            s.append_audio(wave, 16_000)
+            s.commit_audio()
+            s.create_response()
+            _collect(s)
+        s.add_text("word " * 60)  # about 180 positions: the first turn must go
+        s.create_response(max_output_tokens=100)
+        truncated = False
+        tokens = []
+        while True:
+            ev = s.events.get(timeout=120)
+            truncated |= isinstance(ev, SessionEvent) and ev.kind == "history_truncated"
+            if isinstance(ev, TextDelta):
+                tokens.append(ev.token_id)
+            if isinstance(ev, ResponseDone):
+                break
+        s.close(wait=True)
+        return tokens, truncated
+
+    engine = _small_context_engine(checkpoint_dir)
+    try:
+        threads = []
+        embed = engine._embed
+
+        def recording_embed(items):
+            if any(i.modality == LFMModality.AUDIO_IN for i in items):
+                threads.append(threading.current_thread().name)
+            return embed(items)
+
+        monkeypatch.setattr(engine, "_embed", recording_embed)
+        offloaded, truncated = conversation(engine)
+        assert truncated
+        assert threads and all(t.startswith("lfm2audio-prepare") for t in threads), threads
+        monkeypatch.setattr(engine, "_heavy", lambda items: False)  # the engine thread embeds it all
+        inline, _ = conversation(engine)
+        assert offloaded == inline
+    finally:
+        engine.stop()

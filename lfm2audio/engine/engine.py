@@ -385,6 +385,11 @@ class Engine:
             # then the new turns, whose embeddings the prepare thread computed.
             n_new = sum(len(t.items) for t in new_turns)
             pending = items[st.cached_items : len(items) - n_new]
+            if pending and self._heavy(pending):
+                # History to embed again (after a truncation or a failure), audio encoder included: on the
+                # prepare thread, so that it cannot stall the other sessions' steps.
+                self._embed_then_begin(req, st, pending, new_turns, (len(items), reused, snapshot_at, max_tokens))
+                return
             parts = ([self._embed(pending)] if pending else []) + [t.embedding for t in new_turns]
             for t in new_turns:
                 t.embedding = None  # the prompt holds them now; the history keeps only items
@@ -396,7 +401,47 @@ class Engine:
             log.exception("could not start response %s", req.id)
             self._emit_failed(session, req.id, "failed", f"invalid input: {e}")
             return
+        self._begin(req, st, prompt, (len(items), reused, snapshot_at, max_tokens))
 
+    def _heavy(self, items: list[Item]) -> bool:
+        """Too much to embed on the engine thread: audio (the encoder) or more than a prefill chunk."""
+        return len(items) > self.config.prefill_chunk or any(i.modality == LFMModality.AUDIO_IN for i in items)
+
+    def _embed_then_begin(
+        self, req: _Request, st: _Slot, pending: list[Item], new_turns: list[Turn], begin: tuple
+    ) -> None:
+        """Embed ``pending`` on the prepare thread, then start the response on the engine thread."""
+        assert self._prepare is not None
+
+        def embed() -> None:
+            try:
+                with torch.inference_mode():
+                    prompt = torch.cat([self._embed(pending)] + [t.embedding for t in new_turns])  # type: ignore[misc]
+            except Exception as e:
+                log.warning("could not embed the history of response %s: %s", req.id, e)
+                reason = f"invalid input: {e}"
+
+                def fail() -> None:
+                    st.cached_items = 0
+                    self._emit_failed(req.session, req.id, "failed", reason)
+
+                self._command(fail)
+                return
+            for t in new_turns:
+                t.embedding = None
+
+            def start() -> None:
+                if self._slots[req.session.slot] is st:  # unless the session closed meanwhile
+                    self._begin(req, st, prompt, begin)
+
+            self._command(start)
+
+        self._prepare.submit(embed)
+
+    def _begin(self, req: _Request, st: _Slot, prompt: Tensor, begin: tuple) -> None:
+        """The response enters the step: ``prompt`` is what the cache still lacks."""
+        n_items, reused, snapshot_at, max_tokens = begin
+        config, slot = req.config, req.session.slot
         seed = config.seed if config.seed is not None else random.getrandbits(63)
         resp = _Response(
             id=req.id,
@@ -415,7 +460,7 @@ class Engine:
         if req.id in st.cancelled:  # cancelled while being prepared: ends at the next step, as any cancel
             st.cancelled.discard(req.id)
             resp.cancelled = True
-        st.cached_items = len(items)  # the prompt is about to enter the cache
+        st.cached_items = n_items  # the prompt is about to enter the cache
         st.response = resp
         self.batch.start_row(slot, config.text_sampling, config.audio_sampling, seed)
         self.audio.reset(slot)
