@@ -52,10 +52,6 @@ class Outbox:
         self.close_reason = ""
 
     @property
-    def overflowed(self) -> asyncio.Event:  # the old name
-        return self.dead
-
-    @property
     def queued_bytes(self) -> int:
         return self._queued_bytes
 

@@ -203,6 +203,18 @@ def test_message_limit_counts_bytes(engine):
         run(go())
 
 
+def test_send_queue_counts_bytes():
+    """The send queue's byte limit counts UTF-8 bytes: 320 three-byte characters are 960 bytes."""
+    from lfm2audio_server.metrics import Metrics
+    from lfm2audio_server.outbox import Outbox
+
+    out = Outbox(None, Metrics(), max_bytes=1000, max_messages=100)  # type: ignore[arg-type]
+    out.send({"type": "x", "text": "€" * 200})
+    assert 600 < out.queued_bytes < 1000 and not out.dead.is_set()
+    out.send({"type": "x", "text": "€" * 120})  # 364 characters in all, 1004 bytes
+    assert out.dead.is_set() and out.close_reason == "send_queue_overflow"
+
+
 # 7. Echoes are bounded: large strings are refused at a documented size ---------------------------------
 
 
