@@ -329,7 +329,12 @@ class Engine:
                     worked = self._step()
                 except Exception as e:  # keep serving the others; fail only the row(s) that caused it
                     log.exception("engine step failed")
-                    self._isolate_failure(f"internal error: {e}")
+                    try:
+                        self._isolate_failure(f"internal error: {e}")
+                    except Exception:
+                        log.exception("could not isolate the failed step; failing every response in flight")
+                        self._phase = ("plan", None, None)
+                        self._isolate_failure(f"internal error: {e}")
                 if not worked:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -489,11 +494,14 @@ class Engine:
         if plan.empty:
             return False
         t0 = time.perf_counter()
-        self._phase = ("prefill", plan, None)
-        prefill_hidden = self._prefill(plan) if plan.prefill is not None else None
+        prefill_hidden = None
+        if plan.prefill is not None:
+            self._phase = ("prefill", plan, None)
+            prefill_hidden = self._prefill(plan)
         if not plan.feed and not plan.text and not plan.audio:
             return True  # a prefill chunk that did not finish its prompt
         # What a failed batch must give back to the rows that did not cause it (see _isolate_failure).
+        self._phase = ("run", plan, None)
         rows = plan.rows
         saved = ([c[:rows].clone() for c in self.cache.conv], self.cache.lengths[:rows].clone()) if rows > 1 else None
         self._phase = ("run", plan, saved)
@@ -660,8 +668,7 @@ class Engine:
         phase, plan, saved = self._phase
         if plan is None:  # before any row ran: nothing to blame but what was in flight
             blamed = [st for st in self._slots if st is not None and st.response is not None]
-        elif phase == "prefill":
-            assert plan.prefill is not None
+        elif phase == "prefill" and plan.prefill is not None:
             blamed = [self._slots[plan.prefill.slot]]
         else:
             rows = self._plan_responses(plan)
