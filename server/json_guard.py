@@ -29,7 +29,7 @@ MAX_ID_CHARS = 256  # event_id, item ids, response ids: echoed in replies
 MAX_INSTRUCTIONS_CHARS = 64 * 1024  # session.instructions, response.instructions
 MAX_ITEM_TEXT_CHARS = 64 * 1024  # each text part of a conversation item
 MAX_VOICE_CHARS = 1024
-MAX_TOOLS_BYTES = 64 * 1024  # session.tools / response.tools, as sent (accepted and ignored)
+MAX_TOOLS_BYTES = 256 * 1024  # session.tools / response.tools, as sent
 
 # A JSON escape of a UTF-16 surrogate: only such escapes can put a lone surrogate into a parsed string
 # (the frame itself is valid UTF-8). Valid pairs match too; the walk tells them apart.
