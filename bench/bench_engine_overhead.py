@@ -93,17 +93,22 @@ def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
     for _ in range(CYCLE):
         engine.step()
         restart_finished(sessions)
+    # Only steps that ran the batch count (a session restarting its turn may leave a step with nothing to do).
     times = []
-    for _ in range(cycles * CYCLE):
+    while len(times) < cycles * CYCLE:
+        before = engine.steps
         t0 = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        if engine.steps > before:
+            times.append(dt)
         restart_finished(sessions)
+    before = engine.steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(CYCLE):
+        while engine.steps - before < CYCLE:
             engine.step()
     restart_finished(sessions)
-    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / CYCLE
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / (engine.steps - before)
     times.sort()
     for s in sessions:
         s.close()
