@@ -19,7 +19,7 @@ from lfm2audio_server import protocol as P
 from lfm2audio_server.auth import Authenticator, find_key, offered_subprotocols, select_subprotocol
 from lfm2audio_server.config import ServerConfig
 from lfm2audio_server.connection import RealtimeConnection
-from lfm2audio_server.logging import session_id_var
+from lfm2audio_server.logging import install_log_filters, session_id_var
 from lfm2audio_server.metrics import Metrics
 from lfm2audio_server.protocol import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, ProtocolError
 from lfm2audio_server.voices import voice_style
@@ -125,6 +125,7 @@ def create_app(
     in the background, starts and warms it up, and /ready says so."""
     config = config or ServerConfig()
     state = ServerState(config, metrics or Metrics())
+    install_log_filters()
 
     async def load() -> None:
         try:
@@ -264,6 +265,31 @@ def _count_refusal(state: ServerState, err: ProtocolError) -> None:
     log.info("connection refused: %s", err.code, extra={"error_code": err.code})
 
 
+# A connection that finds the server full waits this long for a slot that is being freed (a client that
+# closed and reconnects at once can otherwise beat its old connection's teardown by a few milliseconds).
+FULL_GRACE_S = 0.5
+
+
+def _live_sessions(state: ServerState) -> int:
+    """Realtime sessions that hold a slot (one tearing down has freed its engine slot already)."""
+    return sum(not c.ending for c in state.connections)
+
+
+async def _open_session(state: ServerState):
+    """An engine session for a new connection, or None when the server stays full for FULL_GRACE_S."""
+    assert state.engine is not None
+    deadline = time.monotonic() + FULL_GRACE_S
+    while True:
+        if _live_sessions(state) < state.config.max_sessions:
+            try:
+                return state.engine.open_session()
+            except PoolFullError:
+                pass
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.01)
+
+
 async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
     cfg = state.config
     offered = offered_subprotocols(ws.headers)
@@ -291,13 +317,8 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
         f"the server is at its limit of {cfg.max_sessions} concurrent sessions; retry later",
         type="server_error",
     )
-    if len(state.connections) >= cfg.max_sessions:
-        await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
-        return
-
-    try:
-        session = state.engine.open_session()
-    except PoolFullError:
+    session = await _open_session(state)
+    if session is None:
         await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, full)
         return
 

@@ -24,6 +24,8 @@ import struct
 
 import numpy as np
 
+from lfm2audio.engine.config import MAX_INPUT_SAMPLE_RATE, MIN_INPUT_SAMPLE_RATE
+
 MAGIC = b"LF"
 VERSION = 1
 FORMAT_PCM16 = 1
@@ -33,8 +35,8 @@ HEADER = struct.Struct("<2sBBII")
 HEADER_SIZE = HEADER.size  # 12
 
 OPUS_SAMPLE_RATE = 48_000
-MIN_INPUT_RATE = 8_000
-MAX_INPUT_RATE = 48_000
+# Microphone rates accepted: the engine's limits (their one home).
+MIN_INPUT_RATE, MAX_INPUT_RATE = MIN_INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLE_RATE
 
 
 class AudioError(ValueError):

@@ -163,10 +163,13 @@ class AudioInput:
 
     def _to_engine(self, x: np.ndarray) -> None:
         limit = self.max_input_audio_s
-        if self.session.buffered_audio_seconds + len(x) / SAMPLE_RATE > limit:
+        # Audio committed without a response yet counts too: a session holds at most this much.
+        held = self.session.buffered_audio_seconds + self.session.pending_audio_seconds
+        if held + len(x) / SAMPLE_RATE > limit:
             raise ProtocolError(
                 "input_audio_buffer_full",
-                f"the input audio buffer holds at most {limit:g} s; commit or clear it (audio dropped)",
+                f"a session holds at most {limit:g} s of input audio (buffered and committed without a "
+                "response); create a response, or commit or clear the buffer (audio dropped)",
             )
         try:
             self.session.append_audio(x, SAMPLE_RATE)

@@ -187,12 +187,18 @@ def _param_from(errors: list[dict]) -> str | None:
     return ".".join(loc) or None
 
 
-def parse_client_event(text: str | bytes) -> ClientEvent:
-    """A validated client event, or ProtocolError (invalid_json, invalid_event, unknown_event_type, invalid_value)."""
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError("invalid_json", f"message is not valid JSON: {e}") from None
+def parse_client_event(text: str | bytes | dict) -> ClientEvent:
+    """A validated client event, or ProtocolError (invalid_json, invalid_event, unknown_event_type, invalid_value).
+
+    The connection passes what ``json_guard.loads`` made of the frame (a dict, checked for size, depth,
+    numbers and surrogates); text is parsed here as plain JSON."""
+    if isinstance(text, dict):
+        data: Any = text
+    else:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProtocolError("invalid_json", f"message is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_event", "a client event must be a JSON object")
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None

@@ -41,6 +41,7 @@ class ServerConfig:
     idle_timeout_s: float = 600.0
     send_queue_max_bytes: int = 4 * 1024 * 1024
     send_queue_max_messages: int = 2048
+    send_timeout_s: float = 20.0  # a write blocked this long (the client reads nothing): drop it
     max_output_tokens: int = 2048  # cap of a response; "inf" means this
     # HTTP API (docs/http.md)
     http_max_body_bytes: int = 32 * 1024 * 1024  # an upload or JSON body (base64 audio included)
@@ -59,7 +60,9 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "port" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        seconds = ("max_input_audio_s", "max_session_s", "idle_timeout_s", "shutdown_grace_s", "http_queue_timeout_s")
+        seconds = (
+            "max_input_audio_s max_session_s idle_timeout_s shutdown_grace_s http_queue_timeout_s send_timeout_s"
+        ).split()
         for name in seconds:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
@@ -128,6 +131,7 @@ _OPTIONS = [
     _Opt("--idle-timeout", "idle_timeout_s", float, "seconds without client messages or output (default 600)"),
     _Opt("--send-queue-bytes", "send_queue_max_bytes", int, "unsent output per connection before drop (4 MiB)"),
     _Opt("--send-queue-messages", "send_queue_max_messages", int, "unsent messages per connection (2048)"),
+    _Opt("--send-timeout", "send_timeout_s", float, "seconds one write may stay blocked before drop (20)"),
     _Opt("--max-output-tokens", "max_output_tokens", int, "cap on a response's tokens (default 2048)"),
     _Opt("--http-max-body-bytes", "http_max_body_bytes", int, "largest HTTP request body (default 32 MiB)"),
     _Opt("--http-max-queue", "http_max_queue", int, "HTTP requests waiting for a free slot (default 64)"),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from lfm2audio.engine import EngineError, Session, SessionConfig
 from lfm2audio.sampling import SamplingParams
+from lfm2audio_server import json_guard
 from lfm2audio_server.audio import AudioError
 from lfm2audio_server.audio_input import AudioInput
 from lfm2audio_server.client_events import (
@@ -33,7 +34,7 @@ from lfm2audio_server.client_events import (
 )
 from lfm2audio_server.config import ServerConfig
 from lfm2audio_server.metrics import Metrics
-from lfm2audio_server.outbox import Outbox
+from lfm2audio_server.outbox import CLOSE_DEADLINE_S, Outbox, abort_transport
 from lfm2audio_server.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_POLICY,
@@ -81,7 +82,11 @@ class RealtimeConnection:
         self.engine_config = self._engine_config(self.settings)
         session.update(self.engine_config)
         self.outbox = Outbox(
-            ws, metrics, max_bytes=config.send_queue_max_bytes, max_messages=config.send_queue_max_messages
+            ws,
+            metrics,
+            max_bytes=config.send_queue_max_bytes,
+            max_messages=config.send_queue_max_messages,
+            send_timeout_s=config.send_timeout_s,
         )
         items = ItemOrder()
         self.items = items
@@ -105,6 +110,7 @@ class RealtimeConnection:
         )
         self.created = time.monotonic()
         self.last_activity = self.created
+        self.ending = False  # run() is tearing down: the slot is about to be free
 
     # What the server asks of a connection ----------------------------------------------------------
 
@@ -135,33 +141,35 @@ class RealtimeConnection:
         reader = asyncio.create_task(self._reader(), name=f"{self.id}-reader")
         pump = asyncio.create_task(self.responses.pump(self._touch), name=f"{self.id}-pump")
         watchdog = asyncio.create_task(self._watchdog(), name=f"{self.id}-watchdog")
-        overflow = asyncio.create_task(out.overflowed.wait())
-        tasks = [writer, reader, pump, watchdog, overflow]
+        dead = asyncio.create_task(out.dead.wait())
+        tasks = [writer, reader, pump, watchdog, dead]
         try:
-            done, _ = await asyncio.wait({reader, writer, overflow}, return_when=asyncio.FIRST_COMPLETED)
-            if overflow in done:
+            done, _ = await asyncio.wait({reader, writer, dead}, return_when=asyncio.FIRST_COMPLETED)
+            if out.dead.is_set():
+                # Not reading (queue overflow, a write blocked too long, a close that did not go out):
+                # a close frame cannot reach it; drop the TCP connection.
                 writer.cancel()
-                try:
-                    await asyncio.wait_for(self.ws.close(out.close_code or CLOSE_POLICY, out.close_reason), 1.0)
-                except Exception:
-                    pass
-            elif writer in done and reader not in done:
-                if writer.exception() is None:
-                    # Close frame sent: give the client a moment to answer it.
-                    await asyncio.wait({reader}, timeout=2.0)
+                abort_transport(self.ws)
+            elif writer in done and reader not in done and writer.exception() is None:
+                # Close frame sent: give the client a moment to answer it, then drop the connection.
+                await asyncio.wait({reader}, timeout=CLOSE_DEADLINE_S)
+                if not reader.done():
+                    abort_transport(self.ws)
             for t in done:
-                if t is not overflow and not t.cancelled() and t.exception() is not None:
+                if t is not dead and not t.cancelled() and t.exception() is not None:
                     exc = t.exception()
                     if not _is_disconnect(exc):
                         log.error("session task failed", exc_info=exc)
         finally:
+            self.ending = True
+            try:
+                self.session.close()  # the engine slot is free for the next connection from here on
+            except Exception:
+                log.exception("closing the engine session failed")
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            try:
-                self.session.close()
-            except Exception:
-                log.exception("closing the engine session failed")
+            self._release()
             log.info(
                 "session closed",
                 extra={
@@ -172,14 +180,24 @@ class RealtimeConnection:
                 },
             )
 
+    def _release(self) -> None:
+        """Break the references that tie the connection's parts to it, so that a closed session's
+        memory (audio buffers, the Opus and VAD state) goes at once, not at the next gc."""
+        self.audio.on_turn = _closed_on_turn
+        self.responses.settings = _closed_settings(self.settings)
+        self.responses.draining = _never
+
     def _touch(self) -> None:
         self.last_activity = time.monotonic()
 
     async def _watchdog(self) -> None:
         cfg, out = self.cfg, self.outbox
-        while not out.closing:
+        while not out.dead.is_set():
             await asyncio.sleep(min(0.25, max(0.01, cfg.idle_timeout_s / 4)))
             now = time.monotonic()
+            out.check_deadlines(now)
+            if out.closing:
+                continue
             if now - self.created >= cfg.max_session_s:
                 self.responses.cancel("session_expired")
                 out.close(
@@ -210,11 +228,11 @@ class RealtimeConnection:
                 return
             self._touch()
             text, data = msg.get("text"), msg.get("bytes")
-            size = len(text) if text is not None else len(data or b"")
-            if size > limit:
+            if data is not None and len(data) > limit:
                 out.send_error(
                     ProtocolError(
-                        "message_too_large", f"message of {size} bytes exceeds the {limit}-byte limit; it was ignored"
+                        "message_too_large",
+                        f"message of {len(data)} bytes exceeds the {limit}-byte limit; it was ignored",
                     )
                 )
                 continue
@@ -223,7 +241,7 @@ class RealtimeConnection:
             event_id = None
             try:
                 if text is not None:
-                    ev = parse_client_event(text)
+                    ev = parse_client_event(json_guard.loads(text, max_bytes=limit))
                     event_id = getattr(ev, "event_id", None)
                     await self._dispatch(ev)
                 elif data is not None:
@@ -347,6 +365,18 @@ class RealtimeConnection:
         out = item_object(item_id, "user", [{"type": "input_text", "text": t} for t in texts], "completed")
         self.outbox.send(event("conversation.item.added", previous_item_id=prev, item=out))
         self.outbox.send(event("conversation.item.done", previous_item_id=prev, item=out))
+
+
+async def _closed_on_turn(turn: SpeechStarted | SpeechStopped) -> None:
+    return None
+
+
+def _closed_settings(settings: RealtimeSettings) -> Callable[[], RealtimeSettings]:
+    return lambda: settings
+
+
+def _never() -> bool:
+    return False
 
 
 def _is_disconnect(exc: BaseException) -> bool:

@@ -228,7 +228,6 @@ class EngineRequest:
                 out.frames += 1
                 if out.first_audio is None:
                     out.first_audio = time.monotonic()
-                    self.state.metrics.ttfa.observe(out.first_audio - out.started)
                 self.state.metrics.frames.inc()
                 yield ev
             elif isinstance(ev, ResponseDone):
@@ -259,6 +258,8 @@ class EngineRequest:
             m.text_tokens.inc(st.text_tokens)
         if st.time_to_first_token_s is not None:
             m.ttft.observe(st.time_to_first_token_s)
+        if st.time_to_first_audio_s is not None:
+            m.ttfa.observe(st.time_to_first_audio_s)
         if st.real_time_factor is not None:
             m.rtf.observe(st.real_time_factor)
 

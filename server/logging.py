@@ -51,7 +51,27 @@ def configure_logging(level: str = "info", stream=None) -> None:
         lg = logging.getLogger(name)
         lg.handlers = []
         lg.propagate = True
-    logging.getLogger("uvicorn.error").addFilter(_DenialResponseNoise())
+    install_log_filters()
+
+
+def install_log_filters() -> None:
+    """Keep client mistakes out of uvicorn's error log (idempotent; create_app calls it too)."""
+    lg = logging.getLogger("uvicorn.error")
+    for f in (_DenialResponseNoise, _InvalidUtf8):
+        if not any(isinstance(x, f) for x in lg.filters):
+            lg.addFilter(f())
+
+
+class _InvalidUtf8(logging.Filter):
+    """uvicorn logs a client's text frame that is not UTF-8 at error level with a traceback, though it
+    answers correctly (close 1007, RFC 6455 section 8.1): a client's mistake, logged here at info."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith("Invalid UTF-8 sequence"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "client sent a text frame that is not UTF-8; closed with 1007", ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 class _DenialResponseNoise(logging.Filter):

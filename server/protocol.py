@@ -22,7 +22,9 @@ from lfm2audio_server.settings import RealtimeSettings, Sampling
 # WebSocket close codes (see docs/protocol.md).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down
-CLOSE_POLICY = 1008  # auth, origin, limits
+CLOSE_INVALID_DATA = 1007  # a text frame that is not UTF-8 (sent by the WebSocket layer)
+CLOSE_POLICY = 1008  # auth, origin, limits, a client that stopped reading
+CLOSE_TOO_BIG = 1009  # a message over twice max_message_bytes (sent by the WebSocket layer)
 CLOSE_TRY_AGAIN = 1013  # session limit reached, model not ready
 
 
@@ -38,12 +40,20 @@ class ProtocolError(Exception):
         event_id: str | None = None,
         type: str = "invalid_request_error",
     ) -> None:
+        # Messages and params may quote what the client sent: bounded, and always encodable as UTF-8.
+        message, param = _echoable(message, 1000), None if param is None else _echoable(param, 200)
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.event_id = event_id
         self.type = type
+
+
+def _echoable(text: str, limit: int) -> str:
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("utf-8", "replace").decode()
 
 
 def engine_error(e: EngineError, event_id: str | None) -> ProtocolError:

@@ -72,8 +72,6 @@ class ResponseInFlight:
     max_output_tokens: int
     text: list[str] = field(default_factory=list)
     frames: int = 0  # frames sent (or, without audio output, generated)
-    first_audio: float | None = None
-    first_token: float | None = None
     cancel_reason: str | None = None
 
 
@@ -220,8 +218,6 @@ class Responses:
 
     def _on_text(self, ev: TextDelta) -> None:
         r = self._open(ev.response_id)
-        if r.first_token is None:
-            r.first_token = time.monotonic()
         if not ev.text or self._muted(r):
             return
         r.text.append(ev.text)
@@ -233,16 +229,10 @@ class Responses:
         if ev.end_of_audio or pcm is None or len(pcm) == 0:
             return
         r = self._open(ev.response_id)
-        now = time.monotonic()
-        if r.first_token is None:
-            r.first_token = now
         index = r.frames
         r.frames += 1
         if not r.audio or self._muted(r):
             return
-        if r.first_audio is None:
-            r.first_audio = now
-            self.metrics.ttfa.observe(now - r.started)
         self.metrics.frames.inc()
         if r.binary == "pcm16":
             self.outbox.send_bytes(pack_frame(FORMAT_PCM16, r.index, index, float_to_pcm16(pcm)))
@@ -274,9 +264,7 @@ class Responses:
         send(event("conversation.item.done", item=item))
 
         st = ev.stats
-        duration = time.monotonic() - r.started
-        audio_s = r.frames * FRAME_SECONDS
-        stats = _stats(r, st, ev.reason, duration, audio_s)
+        stats = _stats(r, st, ev.reason)
         response = response_object(
             r.id,
             self.session.id,
@@ -292,10 +280,13 @@ class Responses:
         m = self.metrics
         m.responses.labels(r.mode, status).inc()
         m.text_tokens.inc(st.text_tokens)
-        if r.first_token is not None:
-            m.ttft.observe(r.first_token - r.started)
-        if audio_s:
-            m.rtf.observe(duration / audio_s)
+        # The engine's figures (from the request reaching the engine): computed once, there.
+        if st.time_to_first_token_s is not None:
+            m.ttft.observe(st.time_to_first_token_s)
+        if st.time_to_first_audio_s is not None and r.audio:
+            m.ttfa.observe(st.time_to_first_audio_s)
+        if st.real_time_factor is not None:
+            m.rtf.observe(st.real_time_factor)
         log.info(
             "response done",
             extra={
@@ -314,33 +305,24 @@ class Responses:
             self._start_pending(*pending)
 
 
-def _stats(r: ResponseInFlight, st: ResponseStats, engine_reason: str | None, duration: float, audio_s: float) -> dict:
-    """response.done's ``lfm2audio`` object: the server's view (from response.create to response.done,
-    as the client sees it) and the engine's own figures."""
+def _stats(r: ResponseInFlight, st: ResponseStats, engine_reason: str | None) -> dict:
+    """response.done's ``lfm2audio`` object: the engine's figures for the response (timed from the
+    moment the request reached the engine, i.e. response.create or the end of speech)."""
+    audio_s = st.audio_frames * FRAME_SECONDS
     return {
         "response_index": r.index,
         "mode": r.mode,
-        "time_to_first_token_ms": _ms(r.first_token, r.started),
-        "time_to_first_audio_ms": _ms(r.first_audio, r.started),
-        "duration_ms": round(duration * 1000, 1),
+        "prompt_positions": st.prompt_positions,
+        "reused_positions": st.reused_positions,
+        "text_tokens": st.text_tokens,
+        "audio_frames": st.audio_frames,
+        "time_to_first_token_ms": _s_ms(st.time_to_first_token_s),
+        "time_to_first_audio_ms": _s_ms(st.time_to_first_audio_s),
+        "duration_ms": _s_ms(st.duration_s),
         "audio_seconds": round(audio_s, 3),
-        "real_time_factor": round(duration / audio_s, 4) if audio_s else None,
-        "engine": {
-            "prompt_positions": st.prompt_positions,
-            "reused_positions": st.reused_positions,
-            "text_tokens": st.text_tokens,
-            "audio_frames": st.audio_frames,
-            "time_to_first_token_ms": _s_ms(st.time_to_first_token_s),
-            "time_to_first_audio_ms": _s_ms(st.time_to_first_audio_s),
-            "duration_ms": _s_ms(st.duration_s),
-            "real_time_factor": None if st.real_time_factor is None else round(st.real_time_factor, 4),
-            "reason": engine_reason,
-        },
+        "real_time_factor": None if st.real_time_factor is None else round(st.real_time_factor, 4),
+        "reason": engine_reason,
     }
-
-
-def _ms(t: float | None, t0: float) -> float | None:
-    return None if t is None else round((t - t0) * 1000, 1)
 
 
 def _s_ms(s: float | None) -> float | None:

@@ -44,6 +44,7 @@ def as_steps(tokens: list[torch.Tensor]) -> torch.Tensor:
 def assert_close_golden(actual: torch.Tensor, name: str, golden: dict, index: dict) -> None:
     """Compare with golden tensor ``name`` under the tolerance index.json gives it."""
     expected = golden[name]
+    actual = actual.detach().cpu()
     tol = index["tensors"][name]["tolerance"]
     assert tuple(actual.shape) == tuple(expected.shape), (
         f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

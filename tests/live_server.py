@@ -96,9 +96,12 @@ def serve(engine: Any, **overrides: Any) -> LiveServer:
 
 
 def start_engine(checkpoint: Path, *, max_sessions: int, warmup: bool = True) -> Any:
+    from devices import DEVICE, DTYPE
+
     from lfm2audio.engine import Engine, EngineConfig
 
-    engine = Engine.from_pretrained(checkpoint, config=EngineConfig(max_sessions=max_sessions, max_context=2048))
+    config = EngineConfig(max_sessions=max_sessions, max_context=2048)
+    engine = Engine.from_pretrained(checkpoint, device=DEVICE, dtype=DTYPE, config=config)
     engine.start()
     if warmup:
         engine.warmup()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
+from devices import DEVICE, DTYPE
 from golden_chat import SYSTEM, TTS_TEXT, TURN2_TEXT, as_steps, build_state
 
-from lfm2audio import ChatState, LFM2AudioModel, LFM2AudioProcessor, LFMModality
+from lfm2audio import ChatState, LFM2AudioModel, LFM2AudioProcessor, LFMModality, SamplingParams
 from lfm2audio.engine import (
     AudioFrame,
     EmptyInputError,
@@ -32,17 +34,17 @@ TTS_VOICE = SYSTEM["tts"].split("voice: ")[1]
 
 @pytest.fixture(scope="module")
 def proc(checkpoint_dir):
-    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
 def model(checkpoint_dir):
-    return LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu")
+    return LFM2AudioModel.from_pretrained(checkpoint_dir, device=DEVICE, dtype=DTYPE)
 
 
 @pytest.fixture(scope="module")
 def model_tts(checkpoint_tts_dir):
-    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device="cpu")
+    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device=DEVICE, dtype=DTYPE)
 
 
 @pytest.fixture()
@@ -305,3 +307,114 @@ def test_batched_audio_decode_matches_a_lone_stream(model, proc, golden, decoder
             np.testing.assert_allclose(np.concatenate([f.pcm for f in frames]), np.concatenate(alone), atol=1e-5)
     finally:
         eng.stop()
+
+
+SEEDED = dict(
+    text_sampling=SamplingParams(1.0, 8),
+    audio_sampling=SamplingParams(1.0, 4),
+)
+
+
+def _seeded_chat(engine, golden, seed: int):
+    return voice_session(engine, golden, "chat", seed=seed, **SEEDED)
+
+
+def test_seeded_sampling_is_the_same_alone_in_a_batch_of_16_and_joining_late(model, proc, golden):
+    """The same session seed gives the same sampled stream whatever else the engine runs, and
+    generate_interleaved(seed=...) gives that stream too."""
+    chat = build_state(proc, "chat", golden["input.wave_user1"], keep_cache=False)
+    reference = list(
+        model.generate_interleaved(
+            **chat, max_new_tokens=40, text_temperature=1.0, text_top_k=8, audio_temperature=1.0, audio_top_k=4,
+            seed=1234,
+        )
+    )  # fmt: skip
+    assert any(t.numel() == 8 for t in reference)
+    greedy_state = build_state(proc, "chat", golden["input.wave_user1"])
+    greedy = list(model.generate_interleaved(**greedy_state, max_new_tokens=40))
+    assert not torch.equal(as_steps(reference), as_steps(greedy))  # sampling really happened
+
+    eng = Engine(model, proc, EngineConfig(max_sessions=16, prefill_chunk=32)).start()
+    try:
+        alone = _seeded_chat(eng, golden, 1234)
+        alone.create_response(max_output_tokens=40)
+        assert torch.equal(as_steps(collect(alone)[0]), as_steps(reference))
+        alone.close(wait=True)
+
+        # 15 other seeds already decoding, then seed 1234 joins mid-way.
+        others = [_seeded_chat(eng, golden, 10 + i) for i in range(15)]
+        for s in others:
+            s.create_response(max_output_tokens=60)
+        for s in others[:3]:
+            s.events.get(timeout=60)  # the batch is running
+        late = _seeded_chat(eng, golden, 1234)
+        late.create_response(max_output_tokens=40)
+        assert torch.equal(as_steps(collect(late)[0]), as_steps(reference))
+        streams = [as_steps(collect(s)[0]) for s in others]
+        assert len({tuple(s.flatten().tolist()) for s in streams}) == 15  # different seeds, different streams
+    finally:
+        eng.stop()
+
+
+def test_an_extreme_temperature_fails_no_one(model, proc, golden):
+    """A session sampling at temperature 1e-300 (greedy by the sampler's documented minimum) and one with
+    NaN-free but huge temperature run beside a greedy session, whose stream stays the golden one."""
+    eng = Engine(model, proc, EngineConfig(max_sessions=3)).start()
+    try:
+        tiny = _seeded_chat(eng, golden, 1)
+        tiny.update(SessionConfig(mode="chat", audio_sampling=SamplingParams(1e-300, 4)))
+        huge = _seeded_chat(eng, golden, 2)
+        huge.update(SessionConfig(mode="chat", audio_sampling=SamplingParams(1e300, 4)))
+        greedy = voice_session(eng, golden, "chat")
+        for s in (tiny, huge, greedy):
+            s.create_response(max_output_tokens=60)
+        done = [collect(s) for s in (tiny, huge, greedy)]
+        assert [d[2].status for d in done] == ["incomplete"] * 3
+        assert torch.equal(as_steps(done[2][0]), golden["gen.inter.chat.steps"])
+        assert torch.equal(as_steps(done[0][0]), golden["gen.inter.chat.steps"])  # 1e-300 decodes greedily
+    finally:
+        eng.stop()
+
+
+def test_bucketed_rows_give_the_gathered_streams(model, proc, golden):
+    """The row layout CUDA graphs replay (whole buckets, masks) gives exactly the default layout's streams."""
+    eng = Engine(model, proc, EngineConfig(max_sessions=4, bucketed_rows=True)).start()
+    try:
+        chat = voice_session(eng, golden, "chat")
+        asr = voice_session(eng, golden, "asr")
+        seeded = _seeded_chat(eng, golden, 99)
+        for s in (chat, asr, seeded):
+            s.create_response(max_output_tokens=60)
+        assert torch.equal(as_steps(collect(chat)[0]), golden["gen.inter.chat.steps"])
+        assert torch.equal(as_steps(collect(asr)[0]), golden["gen.seq.asr.steps"])
+        bucketed = as_steps(collect(seeded)[0])
+    finally:
+        eng.stop()
+    eng = Engine(model, proc, EngineConfig(max_sessions=4)).start()
+    try:
+        seeded = _seeded_chat(eng, golden, 99)
+        seeded.create_response(max_output_tokens=60)
+        assert torch.equal(as_steps(collect(seeded)[0]), bucketed)
+    finally:
+        eng.stop()
+
+
+def test_manual_stepping(model, proc, golden):
+    """Engine.step() drives an engine without its thread (benchmarks): the golden stream, step by step."""
+    eng = Engine(model, proc, EngineConfig(max_sessions=2))
+    eng.step()
+    chat = voice_session(eng, golden, "chat")
+    chat.create_response(max_output_tokens=60)
+    tokens = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not eng.step():
+            time.sleep(0.005)  # the request is still being prepared on the prepare thread
+        ev = chat.events.get_nowait()
+        while ev is not None:
+            if isinstance(ev, ResponseDone):
+                assert torch.equal(as_steps(tokens), golden["gen.inter.chat.steps"])
+                return
+            tokens.append(torch.tensor([ev.token_id]) if isinstance(ev, TextDelta) else torch.tensor(ev.codes))
+            ev = chat.events.get_nowait()
+    raise AssertionError("the response did not finish")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import DEVICE, DTYPE
 from golden_chat import INPUT_NAMES, TURN2_TEXT, as_steps, assert_close_golden, build_state
 
 from lfm2audio import LFM2AudioModel, LFM2AudioProcessor, LFMModality
@@ -13,17 +14,17 @@ KINDS = ["asr", "chat", "tts"]
 
 @pytest.fixture(scope="module")
 def proc(checkpoint_dir):
-    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
 def model(checkpoint_dir):
-    return LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32)
+    return LFM2AudioModel.from_pretrained(checkpoint_dir, device=DEVICE, dtype=DTYPE)
 
 
 @pytest.fixture(scope="module")
 def model_tts(checkpoint_tts_dir):
-    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device="cpu", dtype=torch.float32)
+    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device=DEVICE, dtype=DTYPE)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from devices import DEVICE, DTYPE
 
 from lfm2audio import ChatState, LFM2AudioModel, LFM2AudioProcessor, LFMModality
 
@@ -91,17 +92,17 @@ def decode_and_save(processor: LFM2AudioProcessor, audio_out: list[torch.Tensor]
 
 @pytest.fixture(scope="module")
 def processor(checkpoint_dir: Path) -> LFM2AudioProcessor:
-    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu").eval()
+    return LFM2AudioProcessor.from_pretrained(checkpoint_dir, device=DEVICE).eval()
 
 
 @pytest.fixture(scope="module")
 def model(checkpoint_dir: Path) -> LFM2AudioModel:
-    return LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu").eval()
+    return LFM2AudioModel.from_pretrained(checkpoint_dir, device=DEVICE, dtype=DTYPE).eval()
 
 
 @pytest.fixture(scope="module")
 def model_tts(checkpoint_tts_dir: Path) -> LFM2AudioModel:
-    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device="cpu").eval()
+    return LFM2AudioModel.from_pretrained(checkpoint_tts_dir, device=DEVICE, dtype=DTYPE).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Explicit per-stream streaming state of the Mimi codec.
 
-A state is a batch of independent streams: every tensor has the batch (row) dimension,
+A state is a batch of independent streams (the ``lfm2audio.row_state`` protocol): every tensor has the
+batch (row) dimension,
 and ``MimiCodec.decode_step`` / ``encode_step`` advance all rows by one frame, updating
 the tensors in place (nothing is reallocated between frames). A server keeps one state
 for all its sessions and
@@ -129,6 +130,16 @@ class MimiEncoderState:
         self.first.index_fill_(0, idx, True)
         self.transformer.reset_rows(idx)
         return self
+
+    def rows(self, start: int, stop: int) -> MimiEncoderState:
+        """A view of rows [start, stop): stepping it updates this state in place."""
+        tr = self.transformer
+        window = KVWindow(
+            tr.keys[:, start:stop], tr.values[:, start:stop], tr.positions[start:stop], tr.offsets[start:stop]
+        )
+        return MimiEncoderState(
+            [t[start:stop] for t in self.encoder], window, self.downsample[start:stop], self.first[start:stop]
+        )
 
     def select(self, rows: RowSelector) -> MimiEncoderState:
         idx = rows_to_index(rows, self.batch_size, self.first.device)

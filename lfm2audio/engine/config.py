@@ -63,8 +63,12 @@ class SessionConfig:
     ``tts``: sequential, audio out, ``voice`` described in the system prompt.
     asr and tts turns are independent (each response sees only its system
     prompt and the new user turn); chat keeps the whole conversation.
-    ``seed`` fixes the sampled stream: the same seed gives the same tokens
-    whatever else the engine runs (each response restarts from it).
+    ``seed`` fixes the sampled stream: a row's random draws depend only on its
+    seed and step (each response restarts from it), never on the rest of the
+    batch. Its logits can still differ in the last float bits with the batch's
+    size (CPU matrix kernels change their summation order with the row count),
+    which can flip a decision that is a near-tie; greedy decoding is exposed to
+    that in the same way.
     """
 
     mode: SessionMode = "chat"

@@ -61,7 +61,7 @@ from lfm2audio.engine.events import (
     TextDelta,
 )
 from lfm2audio.engine.history import History, Item, Turn, model_inputs
-from lfm2audio.engine.plan import RowState, StepPlan, plan_step
+from lfm2audio.engine.plan import PlanRow, StepPlan, plan_step
 from lfm2audio.engine.prompt import ContextLimitError, PromptBuilder, fit_turns
 from lfm2audio.engine.session import Session, UserPart
 from lfm2audio.engine.step import BatchStep, StepResult
@@ -139,13 +139,19 @@ class Engine:
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         self.batch = BatchStep(model, self.cache, self.audio, cuda_graphs=graphs, bucketed=cfg.bucketed_rows)
         self.prompts = PromptBuilder(model, processor, cfg.max_context)
+        # _slots is the engine thread's; _owners is the callers' view of which slots are taken (under
+        # _lock): a closed session's slot is free for open_session at once, while the engine thread
+        # finishes the old session first (its commands run in order).
         self._slots: list[_Slot | None] = [None] * cfg.max_sessions
+        self._owners: list[Session | None] = [None] * cfg.max_sessions
+        self._last_ok: set[tuple[int, str]] = set()  # (slot, response id) of the last batch that ran
         self._lock = threading.Lock()
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prepare: ThreadPoolExecutor | None = None
+        self._manual = False  # stepped by the caller with step() instead of the engine thread
         self._prefill_queue: deque[_Slot] = deque()
         self.steps = 0
         self.last_step_s = 0.0  # wall time of the last step that ran the batch (for benches and metrics)
@@ -185,6 +191,22 @@ class Engine:
             self._prepare.shutdown(wait=False, cancel_futures=True)
             self._prepare = None
 
+    def step(self) -> bool:
+        """Run queued commands and one step in the calling thread (benchmarks and tests; no engine thread).
+
+        Returns whether the step did any work. Requests are still prepared on
+        the prepare thread: ``step`` until their responses appear.
+        """
+        if self._thread is not None:
+            raise RuntimeError("the engine thread is running; step() is for an engine that was not started")
+        if not self._manual:
+            self._manual = True
+            self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lfm2audio-prepare")
+        with torch.inference_mode():
+            while self._commands:
+                self._commands.popleft()()
+            return self._step()
+
     def __enter__(self) -> Engine:
         return self.start()
 
@@ -214,19 +236,21 @@ class Engine:
     @property
     def active_sessions(self) -> int:
         with self._lock:
-            return sum(s is not None for s in self._slots)
+            return sum(s is not None for s in self._owners)
 
     # Session API (any thread) -----------------------------------------------------------
 
     def open_session(self, config: SessionConfig | None = None) -> Session:
+        if self._thread is None and not self._manual:
+            raise RuntimeError("the engine is not running; call engine.start() first")
         with self._lock:
-            free = [i for i, s in enumerate(self._slots) if s is None]
+            free = [i for i, s in enumerate(self._owners) if s is None]
             if not free:
                 raise PoolFullError(f"all {self.config.max_sessions} session slots are in use")
             slot = free[0]
             session = Session(self, slot, config or SessionConfig(), self.config.max_input_seconds)
-            self._slots[slot] = _Slot(session)
-        self._command(lambda: self._reset_slot(slot))
+            self._owners[slot] = session
+        self._command(lambda: self._attach(session))
         return session
 
     def submit_response(
@@ -277,7 +301,10 @@ class Engine:
             self._close_now(session)
             done.set()
 
-        if self._thread is None:  # nothing can be running: free the slot directly
+        with self._lock:  # free for the next open_session now; the engine thread catches up in order
+            if self._owners[session.slot] is session:
+                self._owners[session.slot] = None
+        if self._thread is None and not self._manual:  # nothing can be running: free the slot directly
             close()
         else:
             self._command(close)
@@ -289,11 +316,10 @@ class Engine:
             return
         if st.response is not None:
             self._finish(st, "cancelled", "session_closed")
-        with self._lock:
-            self._slots[session.slot] = None
+        self._slots[session.slot] = None
 
     def _command(self, fn: Callable[[], None]) -> None:
-        if self._thread is None:
+        if self._thread is None and not self._manual:
             raise RuntimeError("the engine is not running; call engine.start() first")
         self._commands.append(fn)
         self._wake.set()
@@ -309,14 +335,23 @@ class Engine:
             finally:
                 ready.set()
             while not self._stop.is_set():
-                try:
-                    while self._commands:
+                while self._commands:
+                    try:
                         self._commands.popleft()()
+                    except Exception:  # a bug of ours; the other sessions go on
+                        log.exception("engine command failed")
+                worked = False
+                self._phase: tuple[str, StepPlan | None, Any] = ("plan", None, None)
+                try:
                     worked = self._step()
-                except Exception as e:  # keep serving the others; fail what was in flight
+                except Exception as e:  # keep serving the others; fail only the row(s) that caused it
                     log.exception("engine step failed")
-                    self._fail_all(f"internal error: {e}")
-                    worked = False
+                    try:
+                        self._isolate_failure(f"internal error: {e}")
+                    except Exception:
+                        log.exception("could not isolate the failed step; failing every response in flight")
+                        self._phase = ("plan", None, None)
+                        self._isolate_failure(f"internal error: {e}")
                 if not worked:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -324,12 +359,12 @@ class Engine:
                 if st is not None and st.response is not None:
                     self._finish(st, "cancelled", "engine_stopped")
 
-    def _reset_slot(self, slot: int) -> None:
+    def _attach(self, session: Session) -> None:
+        """A new session takes its slot (the slot's previous session, if any, was closed just before)."""
+        slot = session.slot
         self.cache.reset_rows([slot])
         self.audio.reset(slot)
-        st = self._slots[slot]
-        if st is not None:
-            st.length = 0
+        self._slots[slot] = _Slot(session)
 
     def _start_response(self, req: _Request) -> None:
         session = req.session
@@ -372,6 +407,11 @@ class Engine:
             # then the new turns, whose embeddings the prepare thread computed.
             n_new = sum(len(t.items) for t in new_turns)
             pending = items[st.cached_items : len(items) - n_new]
+            if pending and self._heavy(pending):
+                # History to embed again (after a truncation or a failure), audio encoder included: on the
+                # prepare thread, so that it cannot stall the other sessions' steps.
+                self._embed_then_begin(req, st, pending, new_turns, (len(items), reused, snapshot_at, max_tokens))
+                return
             parts = ([self._embed(pending)] if pending else []) + [t.embedding for t in new_turns]
             for t in new_turns:
                 t.embedding = None  # the prompt holds them now; the history keeps only items
@@ -383,7 +423,47 @@ class Engine:
             log.exception("could not start response %s", req.id)
             self._emit_failed(session, req.id, "failed", f"invalid input: {e}")
             return
+        self._begin(req, st, prompt, (len(items), reused, snapshot_at, max_tokens))
 
+    def _heavy(self, items: list[Item]) -> bool:
+        """Too much to embed on the engine thread: audio (the encoder) or more than a prefill chunk."""
+        return len(items) > self.config.prefill_chunk or any(i.modality == LFMModality.AUDIO_IN for i in items)
+
+    def _embed_then_begin(
+        self, req: _Request, st: _Slot, pending: list[Item], new_turns: list[Turn], begin: tuple
+    ) -> None:
+        """Embed ``pending`` on the prepare thread, then start the response on the engine thread."""
+        assert self._prepare is not None
+
+        def embed() -> None:
+            try:
+                with torch.inference_mode():
+                    prompt = torch.cat([self._embed(pending)] + [t.embedding for t in new_turns])  # type: ignore[misc]
+            except Exception as e:
+                log.warning("could not embed the history of response %s: %s", req.id, e)
+                reason = f"invalid input: {e}"
+
+                def fail() -> None:
+                    st.cached_items = 0
+                    self._emit_failed(req.session, req.id, "failed", reason)
+
+                self._command(fail)
+                return
+            for t in new_turns:
+                t.embedding = None
+
+            def start() -> None:
+                if self._slots[req.session.slot] is st:  # unless the session closed meanwhile
+                    self._begin(req, st, prompt, begin)
+
+            self._command(start)
+
+        self._prepare.submit(embed)
+
+    def _begin(self, req: _Request, st: _Slot, prompt: Tensor, begin: tuple) -> None:
+        """The response enters the step: ``prompt`` is what the cache still lacks."""
+        n_items, reused, snapshot_at, max_tokens = begin
+        config, slot = req.config, req.session.slot
         seed = config.seed if config.seed is not None else random.getrandbits(63)
         resp = _Response(
             id=req.id,
@@ -402,7 +482,7 @@ class Engine:
         if req.id in st.cancelled:  # cancelled while being prepared: ends at the next step, as any cancel
             st.cancelled.discard(req.id)
             resp.cancelled = True
-        st.cached_items = len(items)  # the prompt is about to enter the cache
+        st.cached_items = n_items  # the prompt is about to enter the cache
         st.response = resp
         self.batch.start_row(slot, config.text_sampling, config.audio_sampling, seed)
         self.audio.reset(slot)
@@ -431,11 +511,21 @@ class Engine:
         if plan.empty:
             return False
         t0 = time.perf_counter()
-        prefill_hidden = self._prefill(plan) if plan.prefill is not None else None
+        prefill_hidden = None
+        if plan.prefill is not None:
+            self._phase = ("prefill", plan, None)
+            prefill_hidden = self._prefill(plan)
         if not plan.feed and not plan.text and not plan.audio:
             return True  # a prefill chunk that did not finish its prompt
+        # What a failed batch must give back to the rows that did not cause it (see _isolate_failure).
+        self._phase = ("run", plan, None)
+        rows = plan.rows
+        saved = ([c[:rows].clone() for c in self.cache.conv], self.cache.lengths[:rows].clone()) if rows > 1 else None
+        self._phase = ("run", plan, saved)
         result = self.batch.run(plan, prefill_hidden)
         self.steps += 1
+        self._phase = ("emit", plan, None)
+        self._last_ok = {(s, r.id) for s, r in self._plan_responses(plan)}
         self._emit(plan, result)
         self.last_step_s = time.perf_counter() - t0
         return True
@@ -447,7 +537,7 @@ class Engine:
                 continue
             resp = st.response
             rows.append(
-                RowState(
+                PlanRow(
                     st.session.slot, resp.offset, resp.offset + resp.prompt.shape[0], resp.snapshot_at,
                     resp.feeding, resp.decoder.modality, st.length,
                 )  # fmt: skip
@@ -572,12 +662,48 @@ class Engine:
         st.session.mark_idle()
         st.session.events.put(ResponseDone(resp.id, status, reason, "".join(resp.text), stats))  # type: ignore[arg-type]
 
-    def _fail_all(self, message: str) -> None:
-        for st in self._slots:
+    def _plan_responses(self, plan: StepPlan) -> list[tuple[int, _Response]]:
+        slots = set(plan.feed) | set(plan.text) | set(plan.audio)
+        if plan.prefill is not None:
+            slots.add(plan.prefill.slot)
+        out = []
+        for s in sorted(slots):
+            st = self._slots[s]
             if st is not None and st.response is not None:
-                st.cached_items = 0  # the cache may be half-written
+                out.append((s, st.response))
+        return out
+
+    def _isolate_failure(self, message: str) -> None:
+        """A step raised: fail the row(s) that caused it; the others go on with the next step.
+
+        A prefill chunk runs one row, so a failure there is that row's. A failed batch is blamed on the
+        rows that were not in the last batch that ran (a new response, or the prompt that just
+        completed); the others get their cache rows back (conv tails and lengths saved before the
+        batch) and run again next step without them. When no row is new, no row can be told apart
+        and all of the batch fails.
+        """
+        phase, plan, saved = self._phase
+        if plan is None:  # before any row ran: nothing to blame but what was in flight
+            blamed = [st for st in self._slots if st is not None and st.response is not None]
+        elif phase == "prefill" and plan.prefill is not None:
+            blamed = [self._slots[plan.prefill.slot]]
+        else:
+            rows = self._plan_responses(plan)
+            new = {s for s, r in rows if (s, r.id) not in self._last_ok}
+            if plan.prefill is not None and plan.prefill.completes:
+                new.add(plan.prefill.slot)
+            survivors = [s for s, _ in rows if s not in new] if new and phase == "run" else []
+            blamed = [self._slots[s] for s, _ in rows if s not in survivors]
+            if saved is not None:
+                tails, lengths = saved
+                for s in survivors:
+                    for c, t in zip(self.cache.conv, tails, strict=True):
+                        c[s] = t[s]
+                    self.cache.lengths[s] = lengths[s]
+        for st in blamed:
+            if st is not None and st.response is not None:
+                st.cached_items = 0  # the cache may be half-written: rebuilt from the history next turn
                 self._finish(st, "failed", message)
-        self._prefill_queue.clear()
 
 
 _NO_SAMPLES = torch.zeros(0).numpy()

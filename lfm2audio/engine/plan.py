@@ -13,7 +13,7 @@ from lfm2audio.tokens import LFMModality
 
 
 @dataclass(frozen=True)
-class RowState:
+class PlanRow:
     """What the planner needs to know about one busy slot."""
 
     slot: int
@@ -48,7 +48,7 @@ class StepPlan:
         return self.prefill is None and not self.feed and not self.text and not self.audio
 
 
-def plan_step(rows: list[RowState], prefill_order: list[int], prefill_chunk: int) -> StepPlan:
+def plan_step(rows: list[PlanRow], prefill_order: list[int], prefill_chunk: int) -> StepPlan:
     """The plan of one engine step.
 
     ``prefill_order`` lists slots waiting to prefill, first come first served:

@@ -18,6 +18,7 @@ from lfm2audio.engine.config import SessionConfig
 from lfm2audio.engine.events import (
     EmptyInputError,
     EventQueue,
+    InputTooLargeError,
     ResponseInProgressError,
     SessionClosedError,
 )
@@ -80,6 +81,12 @@ class Session:
     def buffered_audio_seconds(self) -> float:
         return self._audio.samples / INPUT_SAMPLE_RATE
 
+    @property
+    def pending_audio_seconds(self) -> float:
+        """Committed audio of the pending user turn (not yet sent with a response)."""
+        with self._lock:
+            return sum(len(v) for k, v in self._pending if k == "audio") / INPUT_SAMPLE_RATE  # type: ignore[arg-type]
+
     def clear_audio(self) -> None:
         with self._lock:
             self._audio.clear()
@@ -90,6 +97,14 @@ class Session:
         with self._lock:
             if self._audio.samples < 160:
                 raise EmptyInputError("input audio buffer is empty (or shorter than 10 ms)")
+            # The pending turn's audio is bounded as the buffer is: commits without a response cannot
+            # pile up memory (a turn longer than that could not fit the context anyway).
+            held = sum(len(v) for k, v in self._pending if k == "audio")  # type: ignore[arg-type]
+            if held + self._audio.samples > self._audio.max_samples:
+                raise InputTooLargeError(
+                    f"the pending user turn would hold more than {self._audio.max_samples / INPUT_SAMPLE_RATE:.0f} s"
+                    " of audio; create a response or clear the buffer"
+                )
             self._pending.append(("audio", self._audio.take()))
 
     def add_text(self, text: str) -> None:

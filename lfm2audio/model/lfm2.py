@@ -59,7 +59,7 @@ class SwiGLU(nn.Module):
 
 @dataclass
 class LFM2Cache:
-    """Decoding state of the backbone for ``batch`` independent rows.
+    """Decoding state of the backbone for ``batch`` independent rows (``lfm2audio.row_state`` protocol).
 
     ``keys[i]`` / ``values[i]`` belong to the i-th attention layer and have shape
     (batch, max_len + 1, n_kv_heads, head_dim); position p of row b lives at [b, p].
@@ -122,6 +122,14 @@ class LFM2Cache:
             conv=[c[idx] for c in self.conv],
             lengths=self.lengths[idx].clone(),
         )
+
+    def assign_rows(self, rows: Tensor | list[int], other: LFM2Cache) -> LFM2Cache:
+        """Overwrite ``rows`` with the rows of ``other`` (same max_len), in place. Returns ``self``."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        for dst, src in zip(self.keys + self.values + self.conv, other.keys + other.values + other.conv, strict=True):
+            dst.index_copy_(0, idx, src)
+        self.lengths.index_copy_(0, idx, other.lengths)
+        return self
 
     def copy_row_(self, dst: int, src: LFM2Cache, src_row: int = 0) -> None:
         """Copy row ``src_row`` of ``src`` into row ``dst`` of this cache."""

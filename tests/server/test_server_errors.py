@@ -30,7 +30,7 @@ BAD_INPUTS = [
         "session.audio.input.format.rate",
     ),
     (
-        json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 96000}}}}}),
+        json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 400000}}}}}),
         "unsupported_sample_rate",
         "session.audio.input.format.rate",
     ),

@@ -1,0 +1,189 @@
+"""Engine overhead per step on the tiny golden checkpoint, where the model's arithmetic is negligible.
+
+For each number of active chat sessions (default 1, 8, 32, 64, 128) it reports
+
+* aten ops per engine step (torch profiler, over whole interleave cycles of 18 steps: 6 text + 12 audio),
+* steady-state step time (the engine stepped by this script, no thread: ``Engine.step``),
+* through the public API (engine thread running, events consumed), each session's audio rate:
+  the slowest session's frames per second, against real time (12.5).
+
+Sessions use the seed's default chat sampling (audio temperature 1.0, top-k 4; text greedy), each with
+its own seed; a session whose response ends starts another at once, so every session stays active.
+The audio decoder defaults to the tiny checkpoint's Mimi: its detokenizer has the full-size width (the
+golden README: its code fixes it), so it is real arithmetic, not overhead; ``--audio-decoder detokenizer``
+measures it too. Prints a table and writes JSON (``--out``).
+
+    python bench/bench_engine_overhead.py
+    python bench/bench_engine_overhead.py --sessions 1,64 --threads 2 --out bench/results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lfm2audio import LFM2AudioModel, LFM2AudioProcessor  # noqa: E402
+from lfm2audio.engine import (  # noqa: E402
+    DEFAULT_SAMPLING,
+    AudioFrame,
+    Engine,
+    EngineConfig,
+    ResponseDone,
+    SessionConfig,
+)
+from lfm2audio.tokens import FRAME_RATE  # noqa: E402
+
+GOLDEN = Path(os.environ.get("LFM2AUDIO_GOLDEN", ROOT.parent / "shared" / "golden"))
+CYCLE = 18  # steps of one interleave cycle (6 text + 12 audio)
+
+
+def chat_config(seed: int) -> SessionConfig:
+    text, audio = DEFAULT_SAMPLING["chat"]
+    return SessionConfig(mode="chat", text_sampling=text, audio_sampling=audio, max_output_tokens=4000, seed=seed)
+
+
+def restart_finished(sessions: list) -> int:
+    """Drain events; a session whose response ended asks for the next one. Returns audio frames seen."""
+    frames = 0
+    for s in sessions:
+        while (ev := s.events.get_nowait()) is not None:
+            if isinstance(ev, AudioFrame) and not ev.end_of_audio:
+                frames += 1
+            elif isinstance(ev, ResponseDone):
+                s.add_text("Tell me more.")
+                s.create_response()
+    return frames
+
+
+def open_sessions(engine: Engine, n: int) -> list:
+    sessions = [engine.open_session(chat_config(seed=1000 + i)) for i in range(n)]
+    for s in sessions:
+        s.add_text("Hello there, how are you today?")
+        s.create_response()
+    return sessions
+
+
+def all_decoding(engine: Engine) -> bool:
+    # Every busy slot has sampled at least once and no prompt is waiting: the steady state.
+    slots = [s for s in engine._slots if s is not None]
+    return not engine._prefill_queue and all(s.response is not None and s.response.steps > 0 for s in slots)
+
+
+def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
+    """Ops and step time with the engine stepped here (no thread), all n sessions decoding."""
+    engine = Engine(model, proc, EngineConfig(max_sessions=n, max_context=4096, audio_decoder=decoder))
+    engine.step()
+    sessions = open_sessions(engine, n)
+    deadline = time.monotonic() + 600
+    while not all_decoding(engine):
+        if not engine.step():
+            time.sleep(0.002)  # requests are still being prepared
+        restart_finished(sessions)
+        if time.monotonic() > deadline:
+            raise RuntimeError("sessions did not reach the steady state")
+    for _ in range(CYCLE):
+        engine.step()
+        restart_finished(sessions)
+    # Only steps that ran the batch count (a session restarting its turn may leave a step with nothing to do).
+    times = []
+    while len(times) < cycles * CYCLE:
+        before = engine.steps
+        t0 = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t0
+        if engine.steps > before:
+            times.append(dt)
+        restart_finished(sessions)
+    before = engine.steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        while engine.steps - before < CYCLE:
+            engine.step()
+    restart_finished(sessions)
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / (engine.steps - before)
+    times.sort()
+    for s in sessions:
+        s.close()
+    engine.step()
+    return {"ops_per_step": round(ops), "step_ms_median": 1000 * times[len(times) // 2], "step_ms_min": 1000 * times[0]}
+
+
+def threaded(model, proc, n: int, decoder: str, seconds: float) -> dict:
+    """Each session's audio rate through the public API, the engine on its own thread."""
+    engine = Engine(model, proc, EngineConfig(max_sessions=n, max_context=4096, audio_decoder=decoder)).start()
+    try:
+        sessions = open_sessions(engine, n)
+        deadline = time.monotonic() + 600
+        while not all_decoding(engine) and time.monotonic() < deadline:
+            restart_finished(sessions)
+            time.sleep(0.01)
+        time.sleep(1.0)
+        restart_finished(sessions)
+        counts = [0] * n
+        steps0, t0 = engine.steps, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            time.sleep(0.05)
+            for i, s in enumerate(sessions):
+                counts[i] += restart_finished([s])
+        elapsed = time.monotonic() - t0
+        steps = engine.steps - steps0
+        rates = [c / elapsed for c in counts]
+        return {
+            "frames_per_s_min": min(rates),
+            "frames_per_s_mean": sum(rates) / n,
+            "steps_per_s": steps / elapsed,
+            "real_time": min(rates) >= FRAME_RATE,
+        }
+    finally:
+        engine.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=str(GOLDEN / "checkpoint"))
+    ap.add_argument("--sessions", default="1,8,32,64,128")
+    ap.add_argument("--audio-decoder", default="mimi", choices=["mimi", "detokenizer"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cycles", type=int, default=4, help="interleave cycles (18 steps) timed per level")
+    ap.add_argument("--seconds", type=float, default=6.0, help="window of the public-API audio-rate measurement")
+    ap.add_argument("--no-threaded", action="store_true", help="skip the public-API audio-rate measurement")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_overhead.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = LFM2AudioModel.from_pretrained(args.checkpoint, device="cpu")
+    proc = LFM2AudioProcessor.from_pretrained(args.checkpoint, device="cpu")
+    levels = [int(x) for x in args.sessions.split(",")]
+    rows = []
+    for n in levels:
+        row = {"sessions": n, **stepped(model, proc, n, args.audio_decoder, args.cycles)}
+        if not args.no_threaded:
+            row.update(threaded(model, proc, n, args.audio_decoder, args.seconds))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]
+    print(f"\nengine overhead, tiny checkpoint, {args.audio_decoder} decoder, {args.threads} threads, torch "
+          f"{torch.__version__}")
+    print("| sessions | aten ops/step | x 1 session | step ms (median) | x 1 session | min frames/s/session |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        fps = f"{r['frames_per_s_min']:.1f}" if "frames_per_s_min" in r else "-"
+        print(f"| {r['sessions']} | {r['ops_per_step']} | {r['ops_per_step'] / base['ops_per_step']:.2f} | "
+              f"{r['step_ms_median']:.1f} | {r['step_ms_median'] / base['step_ms_median']:.2f} | {fps} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"checkpoint": args.checkpoint, "audio_decoder": args.audio_decoder, "threads": args.threads,
+            "torch": torch.__version__, "cpus": os.cpu_count()}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
