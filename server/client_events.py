@@ -64,7 +64,7 @@ class TranscriptionModel(_Lenient):
 
 class AudioInputModel(_Lenient):
     format: AudioFormatModel | None = None
-    turn_detection: TurnDetectionModel | None = None
+    turn_detection: TurnDetectionModel | bool | None = None  # false (pipecat) = null
     transcription: TranscriptionModel | None = None
 
 
@@ -123,7 +123,7 @@ class SessionFields(_Lenient):
     modalities: list[Literal["text", "audio"]] | None = Field(default=None, min_length=1)
     input_audio_format: str | None = None
     output_audio_format: str | None = None
-    turn_detection: TurnDetectionModel | None = None
+    turn_detection: TurnDetectionModel | bool | None = None
     input_audio_transcription: TranscriptionModel | None = None
     voice: str | dict | None = None
     max_response_output_tokens: int | Literal["inf"] | None = None
@@ -340,7 +340,7 @@ def apply_session_update(
     def output_format(f: AudioFormatModel | str, param: str) -> None:
         changes["output_format"] = _output_format(f, param)
 
-    def turn_detection(td: TurnDetectionModel | None, param: str) -> None:
+    def turn_detection(td: TurnDetectionModel | bool | None, param: str) -> None:
         changes["turn_detection"] = _turn_detection(td, param)
 
     if m.input_audio_format is not None:
@@ -403,9 +403,11 @@ def _transcription(t: TranscriptionModel | None) -> dict | None:
     return None if t is None else t.model_dump()
 
 
-def _turn_detection(td: TurnDetectionModel | None, param: str) -> TurnDetection | None:
-    if td is None:
+def _turn_detection(td: TurnDetectionModel | bool | None, param: str) -> TurnDetection | None:
+    if td is None or td is False:
         return None
+    if td is True:
+        return TurnDetection()
     given = {k: v for k, v in td.model_dump(exclude={"type", "eagerness"}).items() if v is not None}
     if td.type == "server_vad":
         return TurnDetection(**given)

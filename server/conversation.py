@@ -61,7 +61,9 @@ class Conversation:
             )
         item_id = item.id or new_id("item")
         if item_id in self.items:
-            raise ProtocolError("invalid_value", f"an item with id {item_id!r} already exists", param="item.id")
+            raise ProtocolError(
+                "item_create_duplicate_item_id", f"an item with id {item_id!r} already exists", param="item.id"
+            )
         role, parts, shown = self._parts(item, "item")
         session = self.conn.session
         if role == "user" and after is None and all(k == "text" for k, _ in parts):
