@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lfm2audio.engine import OUTPUT_SAMPLE_RATE
 from lfm2audio_server.audio import MAX_INPUT_RATE, MIN_INPUT_RATE
@@ -39,6 +39,15 @@ class _Strict(BaseModel):
     """Our extension: strict types, unknown fields rejected."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _bool_turn_detection(v: Any) -> Any:
+    """``turn_detection: false`` (pipecat's way to turn it off) is null; ``true`` is the default server VAD."""
+    if v is False:
+        return None
+    if v is True:
+        return {"type": "server_vad"}
+    return v
 
 
 class AudioFormatModel(_Lenient):
@@ -64,8 +73,13 @@ class TranscriptionModel(_Lenient):
 
 class AudioInputModel(_Lenient):
     format: AudioFormatModel | None = None
-    turn_detection: TurnDetectionModel | bool | None = None  # false (pipecat) = null
+    turn_detection: TurnDetectionModel | None = None
     transcription: TranscriptionModel | None = None
+
+    @field_validator("turn_detection", mode="before")
+    @classmethod
+    def _turn_detection_bool(cls, v: Any) -> Any:
+        return _bool_turn_detection(v)
 
 
 class AudioOutputModel(_Lenient):
@@ -123,10 +137,15 @@ class SessionFields(_Lenient):
     modalities: list[Literal["text", "audio"]] | None = Field(default=None, min_length=1)
     input_audio_format: str | None = None
     output_audio_format: str | None = None
-    turn_detection: TurnDetectionModel | bool | None = None
+    turn_detection: TurnDetectionModel | None = None
     input_audio_transcription: TranscriptionModel | None = None
     voice: str | dict | None = None
     max_response_output_tokens: int | Literal["inf"] | None = None
+
+    @field_validator("turn_detection", mode="before")
+    @classmethod
+    def _turn_detection_bool(cls, v: Any) -> Any:
+        return _bool_turn_detection(v)
 
 
 class SessionUpdateEvent(_Lenient):
@@ -340,7 +359,7 @@ def apply_session_update(
     def output_format(f: AudioFormatModel | str, param: str) -> None:
         changes["output_format"] = _output_format(f, param)
 
-    def turn_detection(td: TurnDetectionModel | bool | None, param: str) -> None:
+    def turn_detection(td: TurnDetectionModel | None, param: str) -> None:
         changes["turn_detection"] = _turn_detection(td, param)
 
     if m.input_audio_format is not None:
@@ -403,11 +422,9 @@ def _transcription(t: TranscriptionModel | None) -> dict | None:
     return None if t is None else t.model_dump()
 
 
-def _turn_detection(td: TurnDetectionModel | bool | None, param: str) -> TurnDetection | None:
-    if td is None or td is False:
+def _turn_detection(td: TurnDetectionModel | None, param: str) -> TurnDetection | None:
+    if td is None:
         return None
-    if td is True:
-        return TurnDetection()
     given = {k: v for k, v in td.model_dump(exclude={"type", "eagerness"}).items() if v is not None}
     if td.type == "server_vad":
         return TurnDetection(**given)

@@ -124,7 +124,8 @@ class Relay:
                 return got[count - 1]
             if time.monotonic() > deadline:
                 seen = [e.get("type") for e in self.received[-20:]]
-                raise AssertionError(f"no {type} (#{count}) within {timeout} s; last events: {seen}")
+                sent = [e.get("type") for e in self.sent if e.get("type") != "input_audio_buffer.append"][-12:]
+                raise AssertionError(f"no {type} (#{count}) within {timeout} s; last events: {seen}; last sent: {sent}")
             await asyncio.sleep(0.02)
 
     def assert_no_errors(self) -> None:
