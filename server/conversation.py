@@ -8,8 +8,9 @@ truncate_item``), so a truncated reply is what the model remembers having said.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from lfm2audio.engine import Session, SessionConfig
 from lfm2audio_server.audio import AudioError, g711_from_base64, int16_to_float, pcm16_from_base64
 from lfm2audio_server.client_events import (
     ItemCreateEvent,
@@ -20,7 +21,10 @@ from lfm2audio_server.client_events import (
     check_tool_choice,
     check_tools,
 )
+from lfm2audio_server.config import ServerConfig
+from lfm2audio_server.outbox import Outbox
 from lfm2audio_server.protocol import (
+    ItemOrder,
     ProtocolError,
     event,
     function_call_object,
@@ -29,12 +33,21 @@ from lfm2audio_server.protocol import (
     new_id,
 )
 from lfm2audio_server.responses import FRAME_SECONDS, ResponseOptions
-from lfm2audio_server.settings import resolve_max_tokens
+from lfm2audio_server.settings import RealtimeSettings, resolve_max_tokens
 from lfm2audio_server.tools import call_text, tool_response_text
 from lfm2audio_server.vad import SAMPLE_RATE
 
-if TYPE_CHECKING:
-    from lfm2audio_server.connection import RealtimeConnection
+
+class Connection(Protocol):
+    """What the conversation needs of its connection (``connection.RealtimeConnection``)."""
+
+    session: Session
+    outbox: Outbox
+    items: ItemOrder
+    settings: RealtimeSettings
+    cfg: ServerConfig
+
+    def _engine_config(self, s: RealtimeSettings, **overrides: Any) -> SessionConfig: ...
 
 # Content a voice model cannot take (images, files): accepted with a warning, left out of the prompt.
 IGNORED_CONTENT = {"input_image", "input_file"}
@@ -42,7 +55,7 @@ TEXT_CONTENT = {"user": {"input_text"}, "system": {"input_text", "text"}, "assis
 
 
 class Conversation:
-    def __init__(self, conn: RealtimeConnection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     @property
