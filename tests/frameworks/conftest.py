@@ -109,6 +109,12 @@ class Relay:
     async def __aexit__(self, *exc: object) -> None:
         self._server.close()
         await self._server.wait_closed()
+        folder = os.environ.get("LFM2AUDIO_FRAMEWORK_LOG")  # for a look at what a framework sends
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            name = os.environ.get("PYTEST_CURRENT_TEST", "relay").split(" ")[0].replace("/", "_").replace(":", "_")
+            events = [e for e in self.sent if e.get("type") != "input_audio_buffer.append"]
+            (Path(folder) / f"{name}.json").write_text(json.dumps(events, indent=1))
 
     def sent_types(self) -> list[str]:
         return [e.get("type") for e in self.sent]
