@@ -50,6 +50,14 @@ def test_create_with_every_role_retrieve_and_delete(server):
             await c.send("conversation.item.create", item=img | {"id": "img1"})
             warn = await c.wait_for("lfm2audio.warning")
             assert warn["code"] == "content_ignored" and warn["param"] == "item.content.0"
+            # A user audio message (base64 PCM16 at the session's input rate), placed after u1.
+            audio = base64.b64encode((synthetic_speech(0.6, rate=24000) * 32767).astype("<i2").tobytes()).decode()
+            au = {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": audio}]}
+            await c.send("conversation.item.create", previous_item_id="u1", item=au | {"id": "au1"})
+            shown = {**au, "id": "au1", "object": "realtime.item", "status": "completed"}
+            shown["content"] = [{"type": "input_audio", "transcript": None}]  # the audio itself is not echoed
+            added_au = await c.wait_for("conversation.item.added", item=shown)
+            assert added_au["previous_item_id"] == "u1"
             await c.send("conversation.item.retrieve", item_id="a1")
             got = await c.wait_for("conversation.item.retrieved")
             assert got["item"]["content"] == [{"type": "output_text", "text": "Hi!"}]
