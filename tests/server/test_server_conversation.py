@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import json
 
-from rt_client import Client, run, setup, synthetic_speech
+from rt_client import Client, pcm16_b64, run, setup, synthetic_speech
 
 from lfm2audio_server.audio import g711_encode
 
@@ -261,3 +261,32 @@ def test_tool_call_round_trip(server):
             assert c.of("error") == []
 
     run(go())
+
+
+def test_transcription_fails_cleanly_when_no_engine_slot_is_free(checkpoint_dir):
+    """The hidden ASR session needs a slot of its own: with none free the turn's transcription fails
+    (``.failed``, session_limit_reached) and the conversation goes on."""
+    from live_server import serve, start_engine
+
+    engine = start_engine(checkpoint_dir, max_sessions=1, warmup=False)
+    try:
+        with serve(engine, max_sessions=1) as s:
+
+            async def go():
+                async with await Client.connect(s.url) as c:
+                    await c.wait_for("session.created")
+                    await setup(c, max_output_tokens=4, audio={"input": {"transcription": {"model": "x"}}})
+                    await c.send("input_audio_buffer.append", audio=pcm16_b64(synthetic_speech(0.5, rate=24000)))
+                    await c.send("input_audio_buffer.commit")
+                    committed = await c.wait_for("input_audio_buffer.committed")
+                    await c.send("response.create")
+                    failed = await c.wait_for("conversation.item.input_audio_transcription.failed")
+                    assert failed["item_id"] == committed["item_id"]
+                    assert failed["error"]["code"] == "session_limit_reached"
+                    done = await c.wait_for("response.done")
+                    assert done["response"]["status"] in ("completed", "incomplete")
+                    assert c.of("error") == []
+
+            run(go())
+    finally:
+        engine.stop()
