@@ -324,7 +324,7 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
 
     conn = RealtimeConnection(
         ws, session, cfg, state.metrics, model_name=state.model_name, draining=lambda: state.draining,
-        voice_style=voice_style(state.engine),
+        voice_style=voice_style(state.engine), open_session=state.engine.open_session,
     )
     state.connections.add(conn)
     state.metrics.active_sessions.inc()

@@ -78,6 +78,58 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+# G.711 (ITU-T G.711, 8 kHz telephony): mu-law (audio/pcmu) and A-law (audio/pcma), one byte a sample.
+# Decoding is a 256-entry table; encoding is the standard segment search, vectorised.
+
+
+def _ulaw_table() -> np.ndarray:
+    b = ~np.arange(256, dtype=np.int32) & 0xFF
+    t = (((b & 0x0F) << 3) + 0x84) << ((b & 0x70) >> 4)
+    return np.where(b & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    b = np.arange(256, dtype=np.int32) ^ 0x55
+    seg = (b & 0x70) >> 4
+    t = (b & 0x0F) << 4
+    t = np.where(seg == 0, t + 8, np.where(seg == 1, t + 0x108, (t + 0x108) << np.maximum(seg - 1, 0)))
+    return np.where(b & 0x80, t, -t).astype(np.int16)
+
+
+_ULAW, _ALAW = _ulaw_table(), _alaw_table()
+
+
+def g711_decode(data: bytes, law: str) -> np.ndarray:
+    """G.711 bytes (``law`` 'pcmu' or 'pcma') to int16 samples."""
+    table = _ULAW if law == "pcmu" else _ALAW
+    return table[np.frombuffer(data, dtype=np.uint8)]
+
+
+def g711_encode(pcm: np.ndarray, law: str) -> bytes:
+    """Float samples in [-1, 1] to G.711 bytes."""
+    x = (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int32)
+    if law == "pcmu":
+        sign = np.where(x < 0, 0x80, 0)
+        mag = np.minimum(np.abs(x), 32635) + 0x84
+        seg = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
+        code = ~(sign | (seg << 4) | ((mag >> (seg + 3)) & 0x0F)) & 0xFF
+    else:
+        sign = np.where(x >= 0, 0x80, 0)
+        mag = np.minimum(np.abs(x), 32767) >> 3
+        seg = np.clip(np.floor(np.log2(np.maximum(mag, 1))).astype(np.int32) - 4, 0, 7)
+        mant = np.where(seg == 0, mag >> 1, mag >> seg) & 0x0F
+        code = (sign | (seg << 4) | mant) ^ 0x55
+    return code.astype(np.uint8).tobytes()
+
+
+def g711_from_base64(text: str, law: str) -> np.ndarray:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise AudioError("invalid_base64", f"audio is not valid base64: {e}") from None
+    return g711_decode(data, law)
+
+
 class Resampler:
     """Streaming mono float32 resampling to ``out_rate`` (soxr); recreated when the input rate changes."""
 

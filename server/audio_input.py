@@ -16,6 +16,7 @@ from lfm2audio.engine import EngineError, InputTooLargeError, Session
 from lfm2audio_server.audio import (
     OpusPacketDecoder,
     Resampler,
+    g711_from_base64,
     int16_to_float,
     pcm16_from_base64,
     pcm16_from_bytes,
@@ -37,6 +38,8 @@ from lfm2audio_server.vad import (
 
 # What the connection is told: speech started (barge-in), or a turn was committed at the end of speech.
 TurnCallback = Callable[[SpeechStarted | SpeechStopped], Awaitable[None]]
+# And each committed user turn's item id and audio (16 kHz float32), for input transcription.
+CommitCallback = Callable[[str, np.ndarray], None]
 
 
 class AudioInput:
@@ -50,6 +53,7 @@ class AudioInput:
         *,
         max_input_audio_s: float,
         on_turn: TurnCallback,
+        on_commit: CommitCallback | None = None,
     ) -> None:
         self.session = session
         self.outbox = outbox
@@ -58,6 +62,7 @@ class AudioInput:
         self.settings = settings
         self.max_input_audio_s = max_input_audio_s
         self.on_turn = on_turn
+        self.on_commit = on_commit
         self._resampler = Resampler(SAMPLE_RATE)
         td = settings.turn_detection  # server_vad by default, as OpenAI
         self._vad = StreamingVad(_vad_params(td)) if td is not None else None
@@ -79,8 +84,10 @@ class AudioInput:
     # Client messages ------------------------------------------------------------------------------
 
     async def append_base64(self, audio: str) -> None:
-        """``input_audio_buffer.append``: base64 PCM16 at the session's input rate."""
-        await self._ingest(int16_to_float(pcm16_from_base64(audio)), self.settings.input_rate)
+        """``input_audio_buffer.append``: base64 PCM16 at the session's input rate, or 8 kHz G.711."""
+        fmt = self.settings.input_format
+        pcm = pcm16_from_base64(audio) if fmt == "pcm" else g711_from_base64(audio, fmt)
+        await self._ingest(int16_to_float(pcm), self.settings.input_rate)
 
     async def append_binary(self, data: bytes) -> None:
         """A binary message: PCM16 or length-prefixed Opus packets, as session.update declared."""
@@ -177,13 +184,15 @@ class AudioInput:
             raise ProtocolError("input_audio_buffer_full", str(e)) from None
 
     def _commit(self, item_id: str | None) -> None:
-        self.session.commit_audio()
         item_id = item_id or new_id("item")
-        prev = self.items.append(item_id)
-        self.outbox.send(event("input_audio_buffer.committed", previous_item_id=prev, item_id=item_id))
+        audio = self.session.commit_audio(item_id=item_id)
         item = item_object(item_id, "user", [{"type": "input_audio", "transcript": None}], "completed")
+        prev = self.items.append(item_id, item)
+        self.outbox.send(event("input_audio_buffer.committed", previous_item_id=prev, item_id=item_id))
         self.outbox.send(event("conversation.item.added", previous_item_id=prev, item=item))
         self.outbox.send(event("conversation.item.done", previous_item_id=prev, item=item))
+        if self.on_commit is not None:
+            self.on_commit(item_id, audio)
 
 
 def _vad_params(td: TurnDetection) -> VadParams:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lfm2audio.engine import EngineError, Session, SessionConfig
+from lfm2audio.engine import DEFAULT_PROMPTS, EngineError, Session, SessionConfig
 from lfm2audio.sampling import SamplingParams
 from lfm2audio_server import json_guard
 from lfm2audio_server.audio import AudioError
@@ -25,6 +25,8 @@ from lfm2audio_server.client_events import (
     AppendEvent,
     ClientEvent,
     ItemCreateEvent,
+    ItemIdEvent,
+    ItemTruncateEvent,
     ResponseCancelEvent,
     ResponseCreateEvent,
     SessionFields,
@@ -33,6 +35,7 @@ from lfm2audio_server.client_events import (
     parse_client_event,
 )
 from lfm2audio_server.config import ServerConfig
+from lfm2audio_server.conversation import Conversation
 from lfm2audio_server.metrics import Metrics
 from lfm2audio_server.outbox import CLOSE_DEADLINE_S, Outbox, abort_transport
 from lfm2audio_server.protocol import (
@@ -42,12 +45,12 @@ from lfm2audio_server.protocol import (
     ProtocolError,
     engine_error,
     event,
-    item_object,
-    new_id,
     session_object,
 )
 from lfm2audio_server.responses import Responses
 from lfm2audio_server.settings import RealtimeSettings, resolve_max_tokens
+from lfm2audio_server.tools import tool_system_prompt
+from lfm2audio_server.transcription import Transcriber
 from lfm2audio_server.vad import SpeechStarted, SpeechStopped
 from lfm2audio_server.voices import VoiceError, VoiceStyle, session_voice_prompt
 
@@ -71,6 +74,7 @@ class RealtimeConnection:
         model_name: str,
         draining: Callable[[], bool],
         voice_style: VoiceStyle = "described",
+        open_session: Callable[[SessionConfig], Session] | None = None,
     ) -> None:
         self.ws = ws
         self.voice_style = voice_style
@@ -98,6 +102,7 @@ class RealtimeConnection:
             self.settings,
             max_input_audio_s=config.max_input_audio_s,
             on_turn=self._on_turn,
+            on_commit=self._on_commit,
         )
         self.responses = Responses(
             session,
@@ -108,6 +113,8 @@ class RealtimeConnection:
             max_output_tokens=config.max_output_tokens,
             draining=draining,
         )
+        self.transcriber = None if open_session is None else Transcriber(open_session, self.outbox, items)
+        self.conversation = Conversation(self)
         self.created = time.monotonic()
         self.last_activity = self.created
         self.ending = False  # run() is tearing down: the slot is about to be free
@@ -143,6 +150,8 @@ class RealtimeConnection:
         watchdog = asyncio.create_task(self._watchdog(), name=f"{self.id}-watchdog")
         dead = asyncio.create_task(out.dead.wait())
         tasks = [writer, reader, pump, watchdog, dead]
+        if self.transcriber is not None:
+            tasks.append(asyncio.create_task(self.transcriber.run(), name=f"{self.id}-transcriber"))
         try:
             done, _ = await asyncio.wait({reader, writer, dead}, return_when=asyncio.FIRST_COMPLETED)
             if out.dead.is_set():
@@ -164,6 +173,8 @@ class RealtimeConnection:
             self.ending = True
             try:
                 self.session.close()  # the engine slot is free for the next connection from here on
+                if self.transcriber is not None:
+                    self.transcriber.close()
             except Exception:
                 log.exception("closing the engine session failed")
             for t in tasks:
@@ -265,19 +276,18 @@ class RealtimeConnection:
         if isinstance(ev, AppendEvent):
             await self.audio.append_base64(ev.audio)
         elif isinstance(ev, SessionUpdateEvent):
-            self._session_update(ev.session)
+            self._session_update(ev.session, ev.event_id)
         elif isinstance(ev, ItemCreateEvent):
-            self._item_create(ev)
+            self.conversation.create(ev)
+        elif isinstance(ev, ItemTruncateEvent):
+            self.conversation.truncate(ev)
+        elif isinstance(ev, ItemIdEvent):
+            if ev.type == "conversation.item.delete":
+                self.conversation.delete(ev)
+            else:
+                self.conversation.retrieve(ev)
         elif isinstance(ev, ResponseCreateEvent):
-            tokens = None if ev.response is None else ev.response.max_output_tokens
-            cap = self.cfg.max_output_tokens
-            if tokens is not None and tokens != "inf" and not 1 <= tokens <= cap:
-                raise ProtocolError(
-                    "invalid_value",
-                    f"max_output_tokens must be 'inf' or an integer from 1 to {cap}",
-                    param="response.max_output_tokens",
-                )
-            self.responses.create(None if tokens is None else resolve_max_tokens(tokens, cap))
+            self.responses.create(self.conversation.response_options(ev))
         elif isinstance(ev, ResponseCancelEvent):
             cur = self.responses.current
             if ev.response_id is not None and (cur is None or ev.response_id != cur.id):
@@ -299,14 +309,21 @@ class RealtimeConnection:
                 self.responses.cancel("turn_detected")
         elif td is None or td.create_response:
             try:
-                self.responses.create(None)
+                self.responses.create()
             except ProtocolError as e:
                 self.outbox.send_error(e)
 
     # Settings and items ----------------------------------------------------------------------------
 
-    def _session_update(self, fields: SessionFields) -> None:
-        new = apply_session_update(self.settings, fields, max_output_tokens_cap=self.cfg.max_output_tokens)
+    def _on_commit(self, item_id: str, audio) -> None:
+        if self.transcriber is not None and self.settings.transcription is not None:
+            self.transcriber.submit(item_id, audio)
+
+    def _session_update(self, fields: SessionFields, event_id: str | None = None) -> None:
+        new, errors = apply_session_update(self.settings, fields, max_output_tokens_cap=self.cfg.max_output_tokens)
+        for e in errors:
+            e.event_id = event_id
+            self.outbox.send_error(e)
         engine_config = self._engine_config(new)
         self.settings = new
         if engine_config != self.engine_config:
@@ -316,9 +333,15 @@ class RealtimeConnection:
         self.responses.prepare(new)
         self.outbox.send(event("session.updated", session=self._session_object()))
 
-    def _engine_config(self, s: RealtimeSettings) -> SessionConfig:
+    def _engine_config(
+        self, s: RealtimeSettings, *, instructions: str | None = None, tools: tuple | None = None, tool_choice=None
+    ) -> SessionConfig:
         t, a = s.effective_text_sampling(), s.effective_audio_sampling()
-        instructions = s.instructions
+        instructions = instructions if instructions is not None else s.instructions
+        tools = s.tools if tools is None else tools
+        tool_choice = s.tool_choice if tool_choice is None else tool_choice
+        if tools and tool_choice != "none" and s.mode == "chat":
+            instructions = tool_system_prompt(instructions or DEFAULT_PROMPTS["chat"], tools)
         if s.mode == "tts" and instructions is None:
             try:
                 instructions = session_voice_prompt(self.voice_style, voice=s.voice, output_voice=s.output_voice)
@@ -338,33 +361,9 @@ class RealtimeConnection:
             raise ProtocolError("invalid_value", str(e), param="session") from None
 
     def _session_object(self) -> dict:
-        default = self.engine_config.system_prompt if self.settings.instructions is None else None
+        no_tools = self._engine_config(self.settings, tools=())  # the tool list is shown as tools
+        default = no_tools.system_prompt if self.settings.instructions is None else None
         return session_object(self.settings, self.id, default_instructions=default)
-
-    def _item_create(self, ev: ItemCreateEvent) -> None:
-        item = ev.item
-        if item.role != "user":
-            raise ProtocolError(
-                "unsupported_item", f"only user messages can be created, not role {item.role!r}", param="item.role"
-            )
-        texts = []
-        for i, c in enumerate(item.content):
-            if c.type != "input_text" or c.text is None:
-                raise ProtocolError(
-                    "unsupported_content",
-                    f"content type {c.type!r} is not supported here; send audio with input_audio_buffer.append",
-                    param=f"item.content.{i}.type",
-                )
-            if not c.text:
-                raise ProtocolError("invalid_value", "text must not be empty", param=f"item.content.{i}.text")
-            texts.append(c.text)
-        for t in texts:
-            self.session.add_text(t)
-        item_id = item.id or new_id("item")
-        prev = self.items.append(item_id)
-        out = item_object(item_id, "user", [{"type": "input_text", "text": t} for t in texts], "completed")
-        self.outbox.send(event("conversation.item.added", previous_item_id=prev, item=out))
-        self.outbox.send(event("conversation.item.done", previous_item_id=prev, item=out))
 
 
 async def _closed_on_turn(turn: SpeechStarted | SpeechStopped) -> None:

@@ -17,7 +17,7 @@ from lfm2audio.engine import (
     ResponseInProgressError,
     ResponseStats,
 )
-from lfm2audio_server.settings import RealtimeSettings, Sampling
+from lfm2audio_server.settings import G711_RATE, RealtimeSettings, Sampling
 
 # WebSocket close codes (see docs/protocol.md).
 CLOSE_NORMAL = 1000
@@ -73,23 +73,78 @@ def new_id(prefix: str) -> str:
 
 
 class ItemOrder:
-    """The conversation's items in order: each new item names the one before it (``previous_item_id``)."""
+    """The conversation's items in order, as the client sees them (what ``conversation.item.retrieve``
+    answers): each new item names the one before it (``previous_item_id``). The model's view of them
+    is the engine session's history, edited alongside (same ids)."""
 
     def __init__(self) -> None:
-        self.last: str | None = None
+        self._items: dict[str, dict | None] = {}  # id -> item object (None until known), in order
 
-    def append(self, item_id: str) -> str | None:
+    @property
+    def last(self) -> str | None:
+        return next(reversed(self._items), None)
+
+    def append(self, item_id: str, item: dict | None = None) -> str | None:
         """Record ``item_id`` as the newest item; returns the one before it."""
-        previous, self.last = self.last, item_id
+        previous = self.last
+        self._items.pop(item_id, None)
+        self._items[item_id] = item
         return previous
+
+    def insert(self, item_id: str, item: dict, after: str | None) -> str | None:
+        """Place ``item_id`` after ``after`` (None: at the end; "root": first); returns its predecessor."""
+        if after is None or after == self.last:
+            return self.append(item_id, item)
+        ids = [i for i in self._items if i != item_id]
+        at = 0 if after == "root" else ids.index(after) + 1
+        ids.insert(at, item_id)
+        old = self._items
+        self._items = {i: (item if i == item_id else old[i]) for i in ids}
+        return None if at == 0 else ids[at - 1]
+
+    def set(self, item_id: str, item: dict) -> None:
+        if item_id in self._items:
+            self._items[item_id] = item
+
+    def get(self, item_id: str) -> dict | None:
+        return self._items.get(item_id)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._items
+
+    def delete(self, item_id: str) -> bool:
+        return self._items.pop(item_id, 0) != 0
 
 
 # Session ------------------------------------------------------------------------------------------
 
 
-def output_audio(voice: Any) -> dict:
-    """The output audio format (24 kHz PCM16) and OpenAI's voice setting (echoed, not used)."""
-    return {"format": {"type": "audio/pcm", "rate": OUTPUT_SAMPLE_RATE}, "voice": voice}
+FORMAT_TYPES = {"pcm": "audio/pcm", "pcmu": "audio/pcmu", "pcma": "audio/pcma"}
+
+
+def audio_format(fmt: str, rate: int) -> dict:
+    return {"type": FORMAT_TYPES[fmt], "rate": rate if fmt == "pcm" else G711_RATE}
+
+
+def output_audio(voice: Any, fmt: str = "pcm") -> dict:
+    """The output audio format (24 kHz PCM16 or 8 kHz G.711) and OpenAI's voice setting (echoed)."""
+    return {"format": audio_format(fmt, OUTPUT_SAMPLE_RATE), "voice": voice}
+
+
+def turn_detection_object(td: Any) -> dict | None:
+    if td is None:
+        return None
+    obj = {
+        "type": td.type,
+        "threshold": td.threshold,
+        "prefix_padding_ms": td.prefix_padding_ms,
+        "silence_duration_ms": td.silence_duration_ms,
+        "create_response": td.create_response,
+        "interrupt_response": td.interrupt_response,
+    }
+    if td.type == "semantic_vad":
+        obj["eagerness"] = td.eagerness
+    return obj
 
 
 def _sampling_dict(s: Sampling) -> dict:
@@ -106,25 +161,16 @@ def session_object(s: RealtimeSettings, session_id: str, *, default_instructions
         "output_modalities": ["text"] if s.mode == "asr" else list(s.output_modalities),
         "instructions": s.instructions if s.instructions is not None else default_instructions,
         "max_output_tokens": s.max_output_tokens,
-        "tools": [],
-        "tool_choice": "none",
+        "tools": list(s.tools),
+        "tool_choice": s.tool_choice,
         "audio": {
             "input": {
-                "format": {"type": "audio/pcm", "rate": s.input_rate},
-                "turn_detection": None
-                if td is None
-                else {
-                    "type": "server_vad",
-                    "threshold": td.threshold,
-                    "prefix_padding_ms": td.prefix_padding_ms,
-                    "silence_duration_ms": td.silence_duration_ms,
-                    "create_response": td.create_response,
-                    "interrupt_response": td.interrupt_response,
-                },
-                "transcription": None,
+                "format": audio_format(s.input_format, s.input_rate),
+                "turn_detection": turn_detection_object(td),
+                "transcription": s.transcription,
                 "noise_reduction": None,
             },
-            "output": {**output_audio(s.output_voice), "speed": 1.0},
+            "output": {**output_audio(s.output_voice, s.output_format), "speed": 1.0},
         },
         "lfm2audio": {
             "mode": s.mode,
@@ -157,7 +203,9 @@ def error_event(err: ProtocolError) -> dict:
     return event("error", error={**error_object(err), "event_id": err.event_id})
 
 
-def item_object(item_id: str, role: Literal["user", "assistant"], content: list[dict], status: str) -> dict:
+def item_object(
+    item_id: str, role: Literal["user", "assistant", "system"], content: list[dict], status: str
+) -> dict:
     return {
         "id": item_id,
         "object": "realtime.item",
@@ -165,6 +213,29 @@ def item_object(item_id: str, role: Literal["user", "assistant"], content: list[
         "role": role,
         "status": status,
         "content": content,
+    }
+
+
+def function_call_object(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def function_call_output_object(item_id: str, call_id: str, output: str) -> dict:
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "function_call_output",
+        "status": "completed",
+        "call_id": call_id,
+        "output": output,
     }
 
 
@@ -186,7 +257,7 @@ def content_event(type: str, response_id: str, item_id: str, **fields: Any) -> d
 
 def response_object(
     response_id: str,
-    conversation_id: str,
+    conversation_id: str | None,
     status: str,
     *,
     sends_audio: bool,
@@ -196,6 +267,7 @@ def response_object(
     status_details: dict | None = None,
     usage: dict | None = None,
     output_audio: dict | None = None,
+    metadata: dict | None = None,
 ) -> dict:
     """A response object; response.created's also names its ``output_audio`` (see ``output_audio``)."""
     obj = {
@@ -207,6 +279,7 @@ def response_object(
         "conversation_id": conversation_id,
         "output_modalities": ["audio"] if sends_audio else ["text"],
         "max_output_tokens": max_output_tokens,
+        "metadata": metadata,
         "usage": usage,
         "lfm2audio": extension,
     }

@@ -12,17 +12,26 @@ from typing import Any, Literal
 from lfm2audio.engine import DEFAULT_SAMPLING
 
 BinaryFormat = Literal["pcm16", "opus"]
+AudioFormat = Literal["pcm", "pcmu", "pcma"]  # audio/pcm (PCM16), audio/pcmu (G.711 mu-law), audio/pcma (A-law)
+G711_RATE = 8_000
+
+# semantic_vad runs as our server VAD: the end of a turn waits for this much silence, by eagerness
+# (a low eagerness lets the user pause longer). The model itself does not judge turn ends.
+SEMANTIC_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 300}
 
 
 @dataclass(frozen=True)
 class TurnDetection:
-    """``server_vad`` turn detection (OpenAI's defaults)."""
+    """``server_vad`` turn detection (OpenAI's defaults); ``semantic_vad`` maps onto it (``eagerness``
+    sets the silence window, see SEMANTIC_SILENCE_MS)."""
 
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
     create_response: bool = True
     interrupt_response: bool = True
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    eagerness: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,11 @@ class RealtimeSettings:
     max_output_tokens: int | Literal["inf"] = "inf"
     output_modalities: tuple[str, ...] = ("audio",)
     input_rate: int = 24_000
+    input_format: AudioFormat = "pcm"
+    output_format: AudioFormat = "pcm"
+    transcription: dict | None = None  # audio.input.transcription as given (any model: LFM2-Audio's ASR runs it)
+    tools: tuple[dict, ...] = ()  # function tools (OpenAI's shape: type, name, description, parameters)
+    tool_choice: Any = "auto"
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     text_sampling: Sampling | None = None  # None: the mode's default
     audio_sampling: Sampling | None = None

@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 
 GOLDEN = Path(os.environ.get("LFM2AUDIO_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
+# The voice-agent framework tests run in their own environment (.ci/run: .venv-frameworks), not here.
+collect_ignore = ["frameworks"]
+
 
 def _require_golden() -> Path:
     # Parity tests must run in CI, so a missing golden folder is an error, not a skip.

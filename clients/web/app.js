@@ -93,14 +93,15 @@ function sampling(temperature, topK) {
   return out;
 }
 
-/** The session.update body for the main session (or the transcription session, `asr` true). */
-function sessionBody(s, codecs, { asr = false } = {}) {
-  const mode = asr ? "asr" : s.mode;
+/** The session.update body. With "transcribe" (chat mode), the server transcribes each user turn with the
+ * model itself (audio.input.transcription): the user's side of the transcript, on the same session. */
+function sessionBody(s, codecs) {
+  const mode = s.mode;
   const handsFree = s.turns === "vad" && mode !== "tts";
   const body = {
     type: "realtime",
-    instructions: asr ? null : s.instructions || null,
-    max_output_tokens: asr ? Math.min(s.maxTokens ?? 200, 200) : s.maxTokens ?? "inf",
+    instructions: s.instructions || null,
+    max_output_tokens: s.maxTokens ?? "inf",
     audio: {
       input: {
         format: { type: "audio/pcm", rate: INPUT_RATE },
@@ -111,23 +112,23 @@ function sessionBody(s, codecs, { asr = false } = {}) {
               silence_duration_ms: s.vadSilence,
               prefix_padding_ms: 300,
               create_response: true,
-              interrupt_response: !asr,
+              interrupt_response: true,
             }
           : null,
+        transcription: s.transcribe && mode === "chat" ? { model: "lfm2-audio" } : null,
       },
     },
     lfm2audio: {
       mode,
       voice: mode === "tts" ? s.voice || null : null,
       sampling: {
-        text: asr ? { temperature: 0 } : sampling(s.textTemperature, s.textTopK),
-        audio: asr ? null : sampling(s.audioTemperature, s.audioTopK),
+        text: sampling(s.textTemperature, s.textTopK),
+        audio: sampling(s.audioTemperature, s.audioTopK),
       },
       binary_input: codecs.input === "opus" ? { format: "opus" } : { format: "pcm16", rate: INPUT_RATE },
       binary_output: { format: codecs.output },
     },
   };
-  if (asr) body.output_modalities = ["text"];
   return body;
 }
 
@@ -137,7 +138,7 @@ class App {
   constructor() {
     this.state = "disconnected";
     this.conn = null; // main session
-    this.asr = null; // optional transcription session (the user's side of the transcript)
+    this.transcribing = false; // the server transcribes the user's turns (audio.input.transcription)
     this.ctx = null;
     this.mic = null;
     this.player = null;
@@ -146,11 +147,6 @@ class App {
     this.responses = new Map(); // response_index -> assistant turn
     this.current = null; // response index in progress
     this.cancelling = false;
-    this.voiceTurns = []; // the user's spoken turns, in order: transcription response k fills the k-th
-    this.asrCount = 0;
-    this.asrTurn = null; // user turn the transcription session is filling
-    this.asrBusy = false;
-    this.asrCreatePending = false;
     this.speaking = false; // server VAD: the user is talking
     this.talking = false; // push-to-talk held
     this.talkStarted = 0;
@@ -310,7 +306,7 @@ class App {
       $("session-info").textContent = `Session ${session.id} · model ${session.model} · audio in ${this.codecs.input}, out ${this.codecs.output} · ${this.ctx.sampleRate} Hz`;
 
       if (s.mode !== "tts") await this.startMic();
-      if (s.transcribe && s.mode === "chat") await this.openTranscription(s);
+      this.transcribing = s.transcribe && s.mode === "chat";
       this.connecting = false;
       this.setStatus("ready", "Connected");
       this.refreshStatus();
@@ -356,7 +352,6 @@ class App {
       codec: this.codecs.input,
       onData: (buf) => {
         this.conn && this.conn.sendBinary(buf);
-        if (this.asr && this.asr.open) this.asr.sendBinary(buf);
         if (this.talking) this.talkSamples += this.codecs.input === "pcm16" ? buf.byteLength / 2 : 320;
       },
       onLevel: (level) => {
@@ -376,29 +371,11 @@ class App {
     $("level-bar").style.width = "0";
   }
 
-  /** A second session in ASR mode that hears the same audio: the user's side of the transcript. */
-  async openTranscription(s) {
-    const asr = new RealtimeConnection(s.url, { apiKey: s.apiKey });
-    asr.addEventListener("event", (e) => this.onAsrEvent(e.detail));
-    asr.addEventListener("close", () => {
-      if (this.asr === asr) this.asr = null;
-    });
-    this.asr = asr;
-    try {
-      await asr.connect();
-      asr.send("session.update", { session: sessionBody(s, this.codecs, { asr: true }) });
-    } catch (e) {
-      this.asr = null; // e.g. the server is at its session limit: voice placeholders instead
-      this.errors.push(`transcription: ${e.message || e}`);
-    }
-  }
-
   disconnect() {
     const conn = this.conn;
     this.conn = null;
     if (conn) conn.close();
-    if (this.asr) this.asr.close();
-    this.asr = null;
+    this.transcribing = false;
     this.stopMic();
     if (this.player) this.player.close();
     this.player = null;
@@ -427,13 +404,7 @@ class App {
     if (!this.conn || !this.conn.open) return;
     const s = settings();
     this.conn.send("session.update", { session: sessionBody(s, this.codecs) });
-    if (this.asr && this.asr.open) this.asr.send("session.update", { session: sessionBody(s, this.codecs, { asr: true }) });
-    const transcribe = s.transcribe && s.mode === "chat"; // asr mode transcribes already; tts has no voice input
-    if (transcribe && !this.asr) this.openTranscription(s);
-    if (!transcribe && this.asr) {
-      this.asr.close();
-      this.asr = null;
-    }
+    this.transcribing = s.transcribe && s.mode === "chat"; // asr mode transcribes already; tts has no voice input
     if (s.mode === "tts") this.stopMic();
     else {
       await this.startMic();
@@ -475,7 +446,6 @@ class App {
     this.talking = true;
     this.bargeIn({ cancel: true });
     this.conn.send("input_audio_buffer.clear");
-    if (this.asr && this.asr.open) this.asr.send("input_audio_buffer.clear");
     this.talkStarted = performance.now();
     this.talkSamples = 0;
     this.mic.sending = true;
@@ -498,8 +468,7 @@ class App {
     const seconds = this.talkSamples / INPUT_RATE;
     if (seconds < 0.15) {
       this.conn.send("input_audio_buffer.clear");
-      if (this.asr && this.asr.open) this.asr.send("input_audio_buffer.clear");
-      if (turn) {
+        if (turn) {
         this.setText(turn, "Too short: hold the button while you speak.", { placeholder: true });
         turn.status = "discarded";
       }
@@ -513,12 +482,6 @@ class App {
     this.turnEnd = performance.now();
     this.conn.send("input_audio_buffer.commit");
     this.conn.send("response.create");
-    if (this.asr && this.asr.open && turn) {
-      this.asr.send("input_audio_buffer.commit");
-      this.voiceTurns.push(turn);
-      if (this.asrBusy) this.asrCreatePending = true;
-      else this.asr.send("response.create");
-    }
     this.refreshStatus();
   }
 
@@ -548,7 +511,6 @@ class App {
         this.userTurn.el.classList.add("placeholder");
         this.userTurn.itemId = ev.item_id;
         this.userTurn.startMs = ev.audio_start_ms;
-        if (this.asr && this.asr.open) this.voiceTurns.push(this.userTurn);
         break;
       }
       case "input_audio_buffer.speech_stopped": {
@@ -560,6 +522,12 @@ class App {
           if (turn.placeholder) this.setText(turn, `Voice message (${seconds.toFixed(1)} s)`, { placeholder: true });
           turn.status = "completed";
         }
+        break;
+      }
+      case "input_audio_buffer.committed": {
+        // Push-to-talk turns learn their item id here (server VAD ones at speech_started).
+        const turn = this.userTurn;
+        if (turn && !turn.itemId) turn.itemId = ev.item_id;
         break;
       }
       case "conversation.item.input_audio_transcription.delta": {
@@ -691,25 +659,6 @@ class App {
     turn.el.dataset.status = turn.status;
   }
 
-  // The transcription session's events: text of the user's turns.
-  onAsrEvent(ev) {
-    if (ev.type === "response.created") {
-      this.asrBusy = true;
-      this.asrTurn = this.voiceTurns[this.asrCount++] || null;
-    } else if (ev.type === "response.output_text.delta") {
-      if (this.asrTurn) this.appendText(this.asrTurn, ev.delta || "");
-    } else if (ev.type === "response.done") {
-      this.asrBusy = false;
-      const turn = this.asrTurn;
-      this.asrTurn = null;
-      if (turn && turn.placeholder) turn.el.classList.remove("placeholder");
-      if (this.asrCreatePending && this.asr && this.asr.open) {
-        this.asrCreatePending = false;
-        this.asr.send("response.create");
-      }
-    }
-  }
-
   /** For tests and debugging: what the page holds. */
   snapshot() {
     return {
@@ -720,7 +669,7 @@ class App {
       framesReceived: this.framesReceived,
       bargeIns: this.bargeIns,
       bargeInLog: this.bargeInLog.map((b) => ({ ...b, responses: b.responses.map((r) => ({ ...r })) })),
-      transcription: !!(this.asr && this.asr.open),
+      transcription: this.transcribing,
       playback: this.player ? { ...this.player.stats, pushedFrames: this.player.pushedFrames, playing: this.player.playing } : null,
       mic: this.mic ? { sending: this.mic.sending, sentSamples: this.mic.sentSamples, sentBytes: this.mic.sentBytes } : null,
       turns: this.turns.map((t) => ({

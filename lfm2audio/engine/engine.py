@@ -63,7 +63,7 @@ from lfm2audio.engine.events import (
 from lfm2audio.engine.history import History, Item, Turn, model_inputs
 from lfm2audio.engine.plan import PlanRow, StepPlan, plan_step
 from lfm2audio.engine.prompt import ContextLimitError, PromptBuilder, fit_turns
-from lfm2audio.engine.session import Session, UserPart
+from lfm2audio.engine.session import AddTurn, DeleteItem, HistoryEdit, Session, TruncateItem, UserPart
 from lfm2audio.engine.step import BatchStep, StepResult
 from lfm2audio.generation import TurnDecoder
 from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
@@ -87,11 +87,13 @@ class _Request:
     user: Turn | None
     assistant: Turn
     created: float
+    item_key: str | None = None
 
 
 @dataclass
 class _Response:
     id: str
+    key: str | None  # the caller's id of the reply item (tags what it generates)
     config: SessionConfig
     decoder: TurnDecoder
     max_tokens: int
@@ -122,6 +124,9 @@ class _Slot:
     system_snapshot: tuple[str, Any, int] | None = None  # (prompt, conv tails + length, items)
     response: _Response | None = None
     cancelled: set[str] = field(default_factory=set)  # ids cancelled before they started
+    deferred: list[Callable[[], None]] = field(default_factory=list)  # history edits waiting for the response
+    forced: deque[int] = field(default_factory=deque)  # test hook: text tokens that replace the sampled ones
+    forced_used: bool = False
 
 
 class Engine:
@@ -254,7 +259,15 @@ class Engine:
         return session
 
     def submit_response(
-        self, session: Session, response_id: str, parts: list[UserPart], config: SessionConfig, max_tokens: int
+        self,
+        session: Session,
+        response_id: str,
+        parts: list[UserPart],
+        config: SessionConfig,
+        max_tokens: int,
+        *,
+        part_keys: list[str | None] | None = None,
+        item_key: str | None = None,
     ) -> None:
         """Prepare the request on the prepare thread, then hand it to the engine thread."""
         if self._prepare is None:
@@ -267,8 +280,8 @@ class Engine:
                     request = _Request(
                         session, response_id, config, max_tokens,
                         self.prompts.system_turn(config.system_prompt),
-                        self.prompts.user_turn(parts) if parts else None,
-                        self.prompts.assistant_header(), created,
+                        self.prompts.user_turn(parts, part_keys) if parts else None,
+                        self.prompts.assistant_header(), created, item_key,
                     )  # fmt: skip
             except ContextLimitError as e:
                 self._emit_failed(session, response_id, "incomplete", f"context_limit: {e}")
@@ -280,6 +293,89 @@ class Engine:
             self._command(lambda: self._start_response(request))
 
         self._prepare.submit(prepare)
+
+    def submit_edit(self, session: Session, edit: HistoryEdit) -> None:
+        """Edit the session's history: turns are built on the prepare thread (in order with the
+        responses submitted), the edit is applied on the engine thread between responses."""
+        if self._prepare is None:
+            raise RuntimeError("the engine is not running; call engine.start() first")
+
+        def prepare() -> None:
+            turn = None
+            if isinstance(edit, AddTurn):
+                try:
+                    with torch.inference_mode():
+                        if edit.whole:
+                            turn = self.prompts.message_turn(edit.role, list(edit.parts), str(edit.keys[0]))
+                        else:
+                            turn = self.prompts.user_turn(list(edit.parts), list(edit.keys), edit.role, embed=False)
+                except Exception as e:
+                    log.warning("could not prepare a history edit: %s", e)
+                    session.events.put(SessionEvent("edit_failed", f"{type(edit).__name__}: {e}"))
+                    return
+            self._command(lambda: self._edit(session, edit, turn))
+
+        self._prepare.submit(prepare)
+
+    def _edit(self, session: Session, edit: HistoryEdit, turn: Turn | None) -> None:
+        st = self._slots[session.slot]
+        if st is None or st.session is not session:
+            return
+        if st.response is not None:  # the history is in use: edit it when the response ends
+            st.deferred.append(lambda: self._edit(session, edit, turn))
+            return
+        h = st.history
+        system = 1 if h.turns and h.turns[0].role.startswith("system:") else 0
+        changed: int | None = None  # flat index of the first changed item
+        if isinstance(edit, AddTurn):
+            assert turn is not None
+            if edit.after == "root":
+                at = system
+            else:
+                found = None if edit.after is None else h.find(edit.after)
+                at = len(h.turns) if found is None else found + 1
+            changed = h.start_of(at)
+            h.turns.insert(at, turn)
+        else:
+            i = h.find(edit.key)
+            if i is None or i < system:
+                return
+            t = h.turns[i]
+            if isinstance(edit, DeleteItem):
+                others = [it for it in t.items if it.key is not None and it.key != edit.key]
+                changed = h.start_of(i)
+                if others:
+                    t.items = [it for it in t.items if it.key != edit.key]
+                else:
+                    del h.turns[i]
+            elif isinstance(edit, TruncateItem):
+                audio = LFMModality.AUDIO_OUT
+                frames = [n for n, it in enumerate(t.items) if it.key == edit.key and it.modality == audio]
+                if edit.audio_frames >= len(frames):
+                    return
+                cut = frames[edit.audio_frames]
+                changed = h.start_of(i) + cut
+                t.items = t.items[:cut] + self._keyed(self.prompts.turn_end(), edit.key)
+        if changed is not None and changed < st.cached_items:
+            st.cached_items = 0  # the cache holds what changed: rebuilt from the system prompt next response
+
+    @staticmethod
+    def _keyed(items: list[Item], key: str | None) -> list[Item]:
+        for item in items:
+            item.key = key
+        return items
+
+    def force_text_tokens(self, session: Session, tokens: list[int]) -> None:
+        """Test hook: the session's next sampled text tokens are replaced by ``tokens``, in order (random
+        weights never call a tool; this scripts a reply that does). The model went on from what it
+        sampled, so the cache is rebuilt from the history (which holds the forced tokens) afterwards."""
+
+        def force() -> None:
+            st = self._slots[session.slot]
+            if st is not None and st.session is session:
+                st.forced.extend(int(t) for t in tokens)
+
+        self._command(force)
 
     def cancel_response(self, session: Session) -> None:
         def cancel() -> None:
@@ -376,10 +472,18 @@ class Engine:
         config = req.config
         max_tokens = req.max_tokens
         try:
-            if config.mode != "chat" or not history.turns or history.turns[0].role != req.system.role:
-                # asr/tts turns are independent; a new system prompt starts the conversation over.
-                history.turns = [Turn(req.system.role, list(req.system.items))]
+            system = Turn(req.system.role, list(req.system.items))
+            if config.mode != "chat":
+                # asr/tts turns are independent.
+                history.turns = [system]
                 st.cached_items = 0
+            elif not history.turns or not history.turns[0].role.startswith("system:"):
+                history.turns.insert(0, system)  # turns added before the first response follow the prompt
+                st.cached_items = 0
+            elif history.turns[0].role != req.system.role:
+                history.turns[0] = system  # new instructions: the conversation stays, the cache is rebuilt
+                st.cached_items = 0
+            self._keyed(req.assistant.items, req.item_key)
             new_turns = ([req.user] if req.user is not None else []) + [req.assistant]
             limit = self.config.max_context
             kept, prompt_positions = fit_turns(history.turns[0], history.turns[1:], new_turns, max_tokens, limit)
@@ -467,6 +571,7 @@ class Engine:
         seed = config.seed if config.seed is not None else random.getrandbits(63)
         resp = _Response(
             id=req.id,
+            key=req.item_key,
             config=config,
             decoder=TurnDecoder(
                 config.generation_mode, self.model.config.interleaved_n_text, self.model.config.interleaved_n_audio
@@ -599,13 +704,16 @@ class Engine:
         resp = st.response
         assert resp is not None
         resp.steps += 1
+        if st.forced:
+            token = st.forced.popleft()
+            st.forced_used = True
         resp.decoder.begin_step()
         emit = resp.decoder.on_text(token)
         if resp.first_token is None:
             resp.first_token = now
         if not emit:
             return
-        st.history.turns[-1].items.append(Item(LFMModality.TEXT, token))
+        st.history.turns[-1].items.append(Item(LFMModality.TEXT, token, resp.key))
         resp.text_tokens += 1
         delta = resp.detok.push(token)
         resp.text.append(delta)
@@ -624,7 +732,7 @@ class Engine:
         end = resp.decoder.on_audio(codes[0])
         if resp.first_token is None:
             resp.first_token = now
-        st.history.turns[-1].items.append(Item(LFMModality.AUDIO_OUT, codes))
+        st.history.turns[-1].items.append(Item(LFMModality.AUDIO_OUT, codes, resp.key))
         resp.feeding = True
         index = resp.frames
         resp.frames += 1
@@ -644,7 +752,7 @@ class Engine:
             self._prefill_queue.remove(st)
             st.cached_items = 0
         # What was emitted stays in the history (the last token unfed); the turn is closed as ChatState.end_turn does.
-        st.history.turns[-1].items.extend(self.prompts.turn_end())
+        st.history.turns[-1].items.extend(self._keyed(self.prompts.turn_end(), resp.key))
         now = time.monotonic()
         stats = resp.stats
         stats.text_tokens = resp.text_tokens
@@ -657,10 +765,16 @@ class Engine:
         tail = resp.detok.flush()
         if tail:
             resp.text.append(tail)
+        if st.forced_used:
+            st.forced_used = False
+            st.cached_items = 0
         st.response = None
         self.batch.end_row(st.session.slot)
         st.session.mark_idle()
         st.session.events.put(ResponseDone(resp.id, status, reason, "".join(resp.text), stats))  # type: ignore[arg-type]
+        deferred, st.deferred = st.deferred, []
+        for edit in deferred:
+            edit()
 
     def _plan_responses(self, plan: StepPlan) -> list[tuple[int, _Response]]:
         slots = set(plan.feed) | set(plan.text) | set(plan.audio)

@@ -20,6 +20,7 @@ from lfm2audio.tokens import LFMModality
 class Item:
     modality: LFMModality
     value: int | Tensor | tuple[int, ...]  # text id; mel (n_mels, frames); or frame codes (codebooks,)
+    key: str | None = None  # the caller's id of the conversation item this belongs to (edits name it)
 
     @property
     def positions(self) -> int:
@@ -48,6 +49,17 @@ class History:
 
     def items(self) -> list[Item]:
         return [item for turn in self.turns for item in turn.items]
+
+    def find(self, key: str) -> int | None:
+        """The index of the turn holding item ``key``."""
+        for i, turn in enumerate(self.turns):
+            if any(item.key == key for item in turn.items):
+                return i
+        return None
+
+    def start_of(self, turn_index: int) -> int:
+        """The flat item index where turn ``turn_index`` begins."""
+        return sum(len(t.items) for t in self.turns[:turn_index])
 
     @property
     def positions(self) -> int:

@@ -62,20 +62,35 @@ class PromptBuilder:
             self._systems.popitem(last=False)
         return turn
 
-    def user_turn(self, parts: list[UserPart]) -> Turn:
-        """A user turn of text and audio parts, with its embeddings computed here (off the engine thread)."""
+    def user_turn(
+        self, parts: list[UserPart], keys: list[str | None] | None = None, role: str = "user", *, embed: bool = True
+    ) -> Turn:
+        """A turn of text and audio parts (each tagged with its item key), with its embeddings computed
+        here (off the engine thread)."""
         self.check_fits(parts)
-        items = self.text_items(turn_header("user"))
-        for kind, value in parts:
+        items = self.text_items(turn_header(role))
+        for n, (kind, value) in enumerate(parts):
             if kind == "audio":
                 assert isinstance(value, np.ndarray)
                 mel = self.processor.features(torch.from_numpy(value), INPUT_SAMPLE_RATE)
                 # ChatState keeps features in bfloat16; round the same way for identical results.
-                items.append(Item(LFMModality.AUDIO_IN, mel.to(torch.bfloat16).cpu()))
+                part = [Item(LFMModality.AUDIO_IN, mel.to(torch.bfloat16).cpu())]
             else:
-                items.extend(self.text_items(str(value)))
+                part = self.text_items(str(value))
+            key = keys[n] if keys else None
+            for item in part:
+                item.key = key
+            items.extend(part)
         items += self.turn_end()
-        return Turn("user", items, self.embed(items))
+        return Turn(role, items, self.embed(items) if embed else None)
+
+    def message_turn(self, role: str, parts: list[UserPart], key: str) -> Turn:
+        """A whole turn of any role that belongs to one item ``key`` (its header and end too, so that
+        deleting the item removes the turn). Items only: it is embedded when it enters the cache."""
+        turn = self.user_turn(parts, [key] * len(parts), role, embed=False)
+        for item in turn.items:
+            item.key = key
+        return turn
 
     def assistant_header(self) -> Turn:
         items = self.text_items(turn_header("assistant"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -29,12 +30,58 @@ from lfm2audio.tokens import INPUT_SAMPLE_RATE
 UserPart = tuple[str, object]
 
 
+# Edits of a session's conversation history. Items are named by the caller's keys (``item_id`` of
+# add_text / commit_audio / create_response / add_message); the engine applies an edit between
+# responses (one that arrives while a response runs waits for its end) and re-prefills the cache from
+# the first changed position.
+
+
+@dataclass(frozen=True)
+class AddTurn:
+    """A whole turn of ``role`` (user, assistant, system, tool) placed after the turn holding item
+    ``after`` (None: at the end; "root": right after the system prompt). ``keys`` name the parts;
+    ``whole`` tags the turn's header and end with the first key too (so deleting it removes the turn)."""
+
+    role: str
+    parts: tuple[UserPart, ...]
+    keys: tuple[str | None, ...]
+    after: str | None = None
+    whole: bool = True
+
+
+@dataclass(frozen=True)
+class DeleteItem:
+    key: str
+
+
+@dataclass(frozen=True)
+class TruncateItem:
+    """Keep the first ``audio_frames`` audio frames of item ``key`` (and what came before them); the
+    rest of that item (the audio the listener never heard, and the text after it) is dropped."""
+
+    key: str
+    audio_frames: int
+
+
+HistoryEdit = AddTurn | DeleteItem | TruncateItem
+
+
 class SessionHost(Protocol):
     """What a session asks of the engine that owns its slot."""
 
     def submit_response(
-        self, session: Session, response_id: str, parts: list[UserPart], config: SessionConfig, max_tokens: int
+        self,
+        session: Session,
+        response_id: str,
+        parts: list[UserPart],
+        config: SessionConfig,
+        max_tokens: int,
+        *,
+        part_keys: list[str | None] | None = None,
+        item_key: str | None = None,
     ) -> None: ...
+
+    def submit_edit(self, session: Session, edit: HistoryEdit) -> None: ...
 
     def cancel_response(self, session: Session) -> None: ...
 
@@ -53,6 +100,7 @@ class Session:
         self._lock = threading.Lock()
         self._audio = InputAudioBuffer(max_input_seconds)
         self._pending: list[UserPart] = []
+        self._pending_keys: list[str | None] = []
         self._closed = False
         self._response_id: str | None = None
 
@@ -91,8 +139,9 @@ class Session:
         with self._lock:
             self._audio.clear()
 
-    def commit_audio(self) -> None:
-        """Buffered audio becomes an utterance of the pending user turn."""
+    def commit_audio(self, *, item_id: str | None = None) -> np.ndarray:
+        """Buffered audio becomes an utterance of the pending user turn (named ``item_id`` for edits);
+        returns that audio (16 kHz float32)."""
         self._check_open()
         with self._lock:
             if self._audio.samples < 160:
@@ -105,15 +154,61 @@ class Session:
                     f"the pending user turn would hold more than {self._audio.max_samples / INPUT_SAMPLE_RATE:.0f} s"
                     " of audio; create a response or clear the buffer"
                 )
-            self._pending.append(("audio", self._audio.take()))
+            audio = self._audio.take()
+            self._pending.append(("audio", audio))
+            self._pending_keys.append(item_id)
+        return audio
 
-    def add_text(self, text: str) -> None:
+    def add_text(self, text: str, *, item_id: str | None = None) -> None:
         """A user text message, part of the pending user turn."""
         self._check_open()
         if not isinstance(text, str) or not text:
             raise ValueError("text must be a non-empty string")
         with self._lock:
             self._pending.append(("text", text))
+            self._pending_keys.append(item_id)
+
+    # History edits ------------------------------------------------------------------
+
+    def add_message(
+        self, role: str, parts: list[UserPart], *, item_id: str, after: str | None = None
+    ) -> None:
+        """A whole message of ``role`` (user, assistant, system or tool) into the history, after item
+        ``after`` (None: at the end; "root": first after the system prompt). Pending user parts are
+        placed first, as a user turn of their own, so the history keeps the order things came in."""
+        self._check_open()
+        if role not in ("user", "assistant", "system", "tool"):
+            raise ValueError(f"role must be user, assistant, system or tool, got {role!r}")
+        for kind, value in parts:
+            if kind not in ("text", "audio") or (kind == "text" and (not isinstance(value, str) or not value)):
+                raise ValueError("parts must be ('text', non-empty str) or ('audio', 16 kHz float32 array)")
+        with self._lock:
+            pending, keys = self._take_pending()
+        if pending:
+            self._host.submit_edit(self, AddTurn("user", tuple(pending), tuple(keys), None, whole=False))
+        self._host.submit_edit(self, AddTurn(role, tuple(parts), (item_id,) * len(parts), after))
+
+    def delete_item(self, item_id: str) -> None:
+        """Remove item ``item_id`` (a pending user part, or what the history holds of it)."""
+        self._check_open()
+        with self._lock:
+            if item_id in self._pending_keys:
+                i = self._pending_keys.index(item_id)
+                del self._pending[i], self._pending_keys[i]
+                return
+        self._host.submit_edit(self, DeleteItem(item_id))
+
+    def truncate_item(self, item_id: str, audio_frames: int) -> None:
+        """Keep only the first ``audio_frames`` audio frames of assistant item ``item_id`` (see TruncateItem)."""
+        self._check_open()
+        if not isinstance(audio_frames, int) or audio_frames < 0:
+            raise ValueError(f"audio_frames must be a non-negative integer, got {audio_frames!r}")
+        self._host.submit_edit(self, TruncateItem(item_id, audio_frames))
+
+    def _take_pending(self) -> tuple[list[UserPart], list[str | None]]:
+        parts, keys = self._pending, self._pending_keys
+        self._pending, self._pending_keys = [], []
+        return parts, keys
 
     # Responses ----------------------------------------------------------------------
 
@@ -126,8 +221,17 @@ class Session:
         """The id of the response in progress, if any."""
         return self._response_id
 
-    def create_response(self, *, max_output_tokens: int | None = None) -> str:
-        """Start generating; events arrive on ``events``. Returns the response id."""
+    def create_response(
+        self,
+        *,
+        max_output_tokens: int | None = None,
+        item_id: str | None = None,
+        config: SessionConfig | None = None,
+        take_pending: bool = True,
+    ) -> str:
+        """Start generating; events arrive on ``events``. Returns the response id. ``item_id`` names the
+        reply in the history (for edits); ``config`` replaces the session's settings for this response;
+        ``take_pending=False`` leaves the pending user parts for a later response."""
         self._check_open()
         with self._lock:
             if self._response_id is not None:
@@ -136,9 +240,14 @@ class Session:
                 raise ValueError(f"max_output_tokens must be a positive integer, got {max_output_tokens!r}")
             response_id = "resp_" + uuid.uuid4().hex[:20]
             self._response_id = response_id
-            parts, self._pending = self._pending, []
-            config = self._config
-        self._host.submit_response(self, response_id, parts, config, max_output_tokens or config.max_output_tokens)
+            if config is not None and not isinstance(config, SessionConfig):
+                raise TypeError("config must be a SessionConfig")
+            parts, keys = self._take_pending() if take_pending else ([], [])
+            config = config or self._config
+        self._host.submit_response(
+            self, response_id, parts, config, max_output_tokens or config.max_output_tokens,
+            part_keys=keys, item_key=item_id,
+        )  # fmt: skip
         return response_id
 
     def cancel(self) -> bool:

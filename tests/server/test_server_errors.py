@@ -14,7 +14,13 @@ BAD_INPUTS = [
     ("{not json", "invalid_json", None),
     ("[1, 2]", "invalid_event", None),
     (json.dumps({"event_id": "e1"}), "invalid_event", "type"),
-    (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "unknown_event_type", "type"),
+    (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "invalid_value", "item_id"),
+    (json.dumps({"type": "conversation.item.retrieve", "item_id": "x"}), "item_retrieve_invalid_item_id", "item_id"),
+    (
+        json.dumps({"type": "conversation.item.truncate", "item_id": "x", "content_index": 0, "audio_end_ms": 5}),
+        "invalid_value",
+        "item_id",
+    ),
     (json.dumps({"type": "no.such.event"}), "unknown_event_type", "type"),
     (json.dumps({"type": "input_audio_buffer.append"}), "invalid_value", "audio"),
     (json.dumps({"type": "input_audio_buffer.append", "audio": 12}), "invalid_value", "audio"),
@@ -35,7 +41,7 @@ BAD_INPUTS = [
         "session.audio.input.format.rate",
     ),
     (
-        json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}}),
+        json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/flac"}}}}}),
         "unsupported_audio_format",
         "session.audio.input.format.type",
     ),
@@ -46,7 +52,7 @@ BAD_INPUTS = [
     ),
     (
         json.dumps(
-            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}}
+            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "magic_vad"}}}}}
         ),
         "unsupported_value",
         "session.audio.input.turn_detection.type",
@@ -99,17 +105,17 @@ BAD_INPUTS = [
         json.dumps(
             {
                 "type": "conversation.item.create",
-                "item": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]},
+                "item": {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "x"}]},
             }
         ),
-        "unsupported_item",
+        "invalid_value",
         "item.role",
     ),
     (
         json.dumps(
             {
                 "type": "conversation.item.create",
-                "item": {"type": "message", "role": "user", "content": [{"type": "input_image"}]},
+                "item": {"type": "message", "role": "user", "content": [{"type": "output_text", "text": "x"}]},
             }
         ),
         "unsupported_content",

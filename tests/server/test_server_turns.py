@@ -166,7 +166,8 @@ def test_clear_buffer(server):
 
 
 def test_text_only_output_modality(server):
-    """output_modalities ["text"] in chat mode: the transcript streams, audio deltas are dropped."""
+    """output_modalities ["text"] in chat mode: the model's text streams as output_text (as OpenAI's text
+    replies), audio deltas are dropped."""
 
     async def go():
         async with await Client.connect(server.url) as c:
@@ -176,8 +177,9 @@ def test_text_only_output_modality(server):
             await c.send("input_audio_buffer.commit")
             await c.send("response.create")
             done = await c.wait_for("response.done")
-            assert c.of("response.output_audio_transcript.delta") and not c.of("response.output_audio.delta")
-            assert not c.of("response.output_audio.done")
+            assert c.of("response.output_text.delta") and not c.of("response.output_audio.delta")
+            assert not c.of("response.output_audio.done") and not c.of("response.output_audio_transcript.delta")
+            assert done["response"]["output"][0]["content"][0]["type"] == "output_text"
             assert done["response"]["output_modalities"] == ["text"]
             assert done["response"]["usage"]["output_token_details"]["audio_tokens"] > 0  # generated, not sent
 

@@ -133,7 +133,8 @@ def test_session_update_semantics():
         '"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}},'
         '"lfm2audio": {"mode": "tts", "voice": "warm", "binary_input": {"format": "pcm16"}}}}'
     )
-    s2 = apply_session_update(s, upd.session, max_output_tokens_cap=100)
+    s2, errors = apply_session_update(s, upd.session, max_output_tokens_cap=100)
+    assert errors == []
     assert s2.input_rate == 16000 and s2.turn_detection.silence_duration_ms == 300
     assert s2.turn_detection.prefix_padding_ms == 300  # OpenAI's default for what was not given
     assert s2.mode == "tts" and s2.voice == "warm" and s2.binary_input == ("pcm16", 16000)
@@ -141,7 +142,9 @@ def test_session_update_semantics():
     obj = session_object(s2, "sess_1")
     assert obj["lfm2audio"]["binary_input"] == {"format": "pcm16", "rate": 16000}
     off = parse_client_event('{"type": "session.update", "session": {"audio": {"input": {"turn_detection": null}}}}')
-    assert apply_session_update(s2, off.session, max_output_tokens_cap=100).turn_detection is None
-    big = parse_client_event('{"type": "session.update", "session": {"max_output_tokens": 101}}')
-    with pytest.raises(ProtocolError):
-        apply_session_update(s, big.session, max_output_tokens_cap=100)
+    assert apply_session_update(s2, off.session, max_output_tokens_cap=100)[0].turn_detection is None
+    # A rejected field is named and left as it was; the others are applied.
+    big = parse_client_event('{"type": "session.update", "session": {"max_output_tokens": 101, "instructions": "x"}}')
+    s3, errors = apply_session_update(s, big.session, max_output_tokens_cap=100)
+    assert [e.param for e in errors] == ["session.max_output_tokens"]
+    assert s3.max_output_tokens == s.max_output_tokens and s3.instructions == "x"
