@@ -195,8 +195,10 @@ class RealtimeConnection:
         """Break the references that tie the connection's parts to it, so that a closed session's
         memory (audio buffers, the Opus and VAD state) goes at once, not at the next gc."""
         self.audio.on_turn = _closed_on_turn
+        self.audio.on_commit = None
         self.responses.settings = _closed_settings(self.settings)
         self.responses.draining = _never
+        self.conversation.conn = None  # type: ignore[assignment]
 
     def _touch(self) -> None:
         self.last_activity = time.monotonic()

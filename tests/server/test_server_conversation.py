@@ -103,7 +103,7 @@ def test_truncate_metadata_text_only_and_out_of_band(server):
             assert done2["response"]["output_modalities"] == ["text"]
             assert done2["response"]["output"][0]["content"][0]["type"] == "output_text"
             # The truncated reply was edited in the history: the cache was rebuilt from the system prompt.
-            engine = done2["response"]["lfm2audio"]["engine"]
+            engine = done2["response"]["lfm2audio"]  # the engine's figures
             assert engine["reused_positions"] < done["response"]["usage"]["input_tokens"]
 
             # Out of band: no conversation items, no conversation id; the conversation goes on unchanged.
