@@ -42,7 +42,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,80 +52,24 @@ from lfm2audio.audio_model import LFM2AudioModel
 from lfm2audio.engine.audio_out import make_audio_decoder
 from lfm2audio.engine.config import DEFAULT_SAMPLING, EngineConfig, SessionConfig
 from lfm2audio.engine.events import (
-    AudioFrame,
     PoolFullError,
     ResponseDone,
-    ResponseStats,
     SessionEvent,
-    TextDelta,
 )
-from lfm2audio.engine.history import History, Item, Turn, model_inputs
+from lfm2audio.engine.history import Item, Turn, model_inputs
 from lfm2audio.engine.plan import PlanRow, StepPlan, plan_step
 from lfm2audio.engine.prompt import ContextLimitError, PromptBuilder, fit_turns
 from lfm2audio.engine.session import AddTurn, DeleteItem, HistoryEdit, Session, TruncateItem, UserPart
+from lfm2audio.engine.slot_state import PreparedRequest, ResponseState, SlotState, final_stats, on_audio, on_text
 from lfm2audio.engine.step import BatchStep, StepResult
 from lfm2audio.generation import TurnDecoder
 from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
 from lfm2audio.processor import LFM2AudioProcessor
 from lfm2audio.sampling import row_top_k
 from lfm2audio.tokenizer import IncrementalDetokenizer
-from lfm2audio.tokens import AUDIO_START, OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, LFMModality
+from lfm2audio.tokens import LFMModality
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Request:
-    """A response request whose per-request work (items, embeddings) the prepare thread has done."""
-
-    session: Session
-    id: str
-    config: SessionConfig
-    max_tokens: int
-    system: Turn
-    user: Turn | None
-    assistant: Turn
-    created: float
-    item_key: str | None = None
-
-
-@dataclass
-class _Response:
-    id: str
-    key: str | None  # the caller's id of the reply item (tags what it generates)
-    config: SessionConfig
-    decoder: TurnDecoder
-    max_tokens: int
-    detok: IncrementalDetokenizer
-    created: float
-    prompt: Tensor  # (N, hidden) embeddings still to prefill
-    offset: int = 0
-    snapshot_at: int | None = None  # prompt offset where the system turn ends (asr/tts reuse it)
-    feeding: bool = False  # the last sampled token waits in the step's buffers to enter the cache
-    steps: int = 0
-    frames: int = 0
-    text_tokens: int = 0
-    text: list[str] = field(default_factory=list)
-    cancelled: bool = False
-    first_token: float | None = None
-    first_audio: float | None = None
-    stats: ResponseStats = field(default_factory=ResponseStats)
-
-
-@dataclass
-class _Slot:
-    """Engine-thread state of one session."""
-
-    session: Session
-    history: History = field(default_factory=History)
-    cached_items: int = 0  # items of history.items() whose positions are in the cache
-    length: int = 0  # positions in the cache (host mirror of cache.lengths[slot])
-    system_snapshot: tuple[str, Any, int] | None = None  # (prompt, conv tails + length, items)
-    response: _Response | None = None
-    cancelled: set[str] = field(default_factory=set)  # ids cancelled before they started
-    deferred: list[Callable[[], None]] = field(default_factory=list)  # history edits waiting for the response
-    forced: deque[int] = field(default_factory=deque)  # test hook: text tokens that replace the sampled ones
-    forced_used: bool = False
 
 
 class Engine:
@@ -147,7 +90,7 @@ class Engine:
         # _slots is the engine thread's; _owners is the callers' view of which slots are taken (under
         # _lock): a closed session's slot is free for open_session at once, while the engine thread
         # finishes the old session first (its commands run in order).
-        self._slots: list[_Slot | None] = [None] * cfg.max_sessions
+        self._slots: list[SlotState | None] = [None] * cfg.max_sessions
         self._owners: list[Session | None] = [None] * cfg.max_sessions
         self._last_ok: set[tuple[int, str]] = set()  # (slot, response id) of the last batch that ran
         self._lock = threading.Lock()
@@ -157,7 +100,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._prepare: ThreadPoolExecutor | None = None
         self._manual = False  # stepped by the caller with step() instead of the engine thread
-        self._prefill_queue: deque[_Slot] = deque()
+        self._prefill_queue: deque[SlotState] = deque()
         self.steps = 0
         self.last_step_s = 0.0  # wall time of the last step that ran the batch (for benches and metrics)
 
@@ -277,7 +220,7 @@ class Engine:
         def prepare() -> None:
             try:
                 with torch.inference_mode():
-                    request = _Request(
+                    request = PreparedRequest(
                         session, response_id, config, max_tokens,
                         self.prompts.system_turn(config.system_prompt),
                         self.prompts.user_turn(parts, part_keys) if parts else None,
@@ -460,9 +403,9 @@ class Engine:
         slot = session.slot
         self.cache.reset_rows([slot])
         self.audio.reset(slot)
-        self._slots[slot] = _Slot(session)
+        self._slots[slot] = SlotState(session)
 
-    def _start_response(self, req: _Request) -> None:
+    def _start_response(self, req: PreparedRequest) -> None:
         session = req.session
         st = self._slots[session.slot]
         if st is None or st.session is not session:
@@ -534,7 +477,7 @@ class Engine:
         return len(items) > self.config.prefill_chunk or any(i.modality == LFMModality.AUDIO_IN for i in items)
 
     def _embed_then_begin(
-        self, req: _Request, st: _Slot, pending: list[Item], new_turns: list[Turn], begin: tuple
+        self, req: PreparedRequest, st: SlotState, pending: list[Item], new_turns: list[Turn], begin: tuple
     ) -> None:
         """Embed ``pending`` on the prepare thread, then start the response on the engine thread."""
         assert self._prepare is not None
@@ -564,12 +507,12 @@ class Engine:
 
         self._prepare.submit(embed)
 
-    def _begin(self, req: _Request, st: _Slot, prompt: Tensor, begin: tuple) -> None:
+    def _begin(self, req: PreparedRequest, st: SlotState, prompt: Tensor, begin: tuple) -> None:
         """The response enters the step: ``prompt`` is what the cache still lacks."""
         n_items, reused, snapshot_at, max_tokens = begin
         config, slot = req.config, req.session.slot
         seed = config.seed if config.seed is not None else random.getrandbits(63)
-        resp = _Response(
+        resp = ResponseState(
             id=req.id,
             key=req.item_key,
             config=config,
@@ -684,12 +627,12 @@ class Engine:
         for s, token in zip(plan.text, result.tokens, strict=True):
             st = self._slots[s]
             assert st is not None
-            self._on_text(st, token, now)
+            on_text(st, token, now)
             sampled.append(st)
         for i, (s, codes) in enumerate(zip(plan.audio, result.codes, strict=True)):
             st = self._slots[s]
             assert st is not None
-            self._on_audio(st, codes, result.pcm[i], now)
+            on_audio(st, codes, result.pcm[i], now)
             sampled.append(st)
         for st in sampled:
             resp = st.response
@@ -700,50 +643,7 @@ class Engine:
             elif resp.steps >= resp.max_tokens:
                 self._finish(st, "incomplete", "max_output_tokens")
 
-    def _on_text(self, st: _Slot, token: int, now: float) -> None:
-        resp = st.response
-        assert resp is not None
-        resp.steps += 1
-        if st.forced:
-            token = st.forced.popleft()
-            st.forced_used = True
-        resp.decoder.begin_step()
-        emit = resp.decoder.on_text(token)
-        if resp.first_token is None:
-            resp.first_token = now
-        if not emit:
-            return
-        st.history.turns[-1].items.append(Item(LFMModality.TEXT, token, resp.key))
-        resp.text_tokens += 1
-        delta = resp.detok.push(token)
-        resp.text.append(delta)
-        # One event per token; its text is empty for special tokens and for bytes of an unfinished character.
-        st.session.events.put(TextDelta(resp.id, delta, token))
-        if resp.config.mode == "asr" and token == AUDIO_START:
-            # ASR wants text only: the switch to audio ends the transcript.
-            resp.decoder.finished = True
-        resp.feeding = not resp.decoder.finished
-
-    def _on_audio(self, st: _Slot, codes: tuple[int, ...], pcm: Any, now: float) -> None:
-        resp = st.response
-        assert resp is not None
-        resp.steps += 1
-        resp.decoder.begin_step()
-        end = resp.decoder.on_audio(codes[0])
-        if resp.first_token is None:
-            resp.first_token = now
-        st.history.turns[-1].items.append(Item(LFMModality.AUDIO_OUT, codes, resp.key))
-        resp.feeding = True
-        index = resp.frames
-        resp.frames += 1
-        if end:
-            st.session.events.put(AudioFrame(resp.id, index, codes, _NO_SAMPLES, end_of_audio=True))
-            return
-        if resp.first_audio is None:
-            resp.first_audio = now
-        st.session.events.put(AudioFrame(resp.id, index, codes, pcm))
-
-    def _finish(self, st: _Slot, status: str, reason: str) -> None:
+    def _finish(self, st: SlotState, status: str, reason: str) -> None:
         resp = st.response
         if resp is None:
             return
@@ -753,15 +653,7 @@ class Engine:
             st.cached_items = 0
         # What was emitted stays in the history (the last token unfed); the turn is closed as ChatState.end_turn does.
         st.history.turns[-1].items.extend(self._keyed(self.prompts.turn_end(), resp.key))
-        now = time.monotonic()
-        stats = resp.stats
-        stats.text_tokens = resp.text_tokens
-        stats.audio_frames = resp.frames
-        stats.duration_s = now - resp.created
-        stats.time_to_first_token_s = None if resp.first_token is None else resp.first_token - resp.created
-        stats.time_to_first_audio_s = None if resp.first_audio is None else resp.first_audio - resp.created
-        audio_s = resp.frames * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE
-        stats.real_time_factor = stats.duration_s / audio_s if audio_s else None
+        stats = final_stats(resp, time.monotonic())
         tail = resp.detok.flush()
         if tail:
             resp.text.append(tail)
@@ -776,7 +668,7 @@ class Engine:
         for edit in deferred:
             edit()
 
-    def _plan_responses(self, plan: StepPlan) -> list[tuple[int, _Response]]:
+    def _plan_responses(self, plan: StepPlan) -> list[tuple[int, ResponseState]]:
         slots = set(plan.feed) | set(plan.text) | set(plan.audio)
         if plan.prefill is not None:
             slots.add(plan.prefill.slot)
@@ -819,5 +711,3 @@ class Engine:
                 st.cached_items = 0  # the cache may be half-written: rebuilt from the history next turn
                 self._finish(st, "failed", message)
 
-
-_NO_SAMPLES = torch.zeros(0).numpy()
