@@ -72,10 +72,10 @@ def open_sessions(engine: Engine, n: int) -> list:
     return sessions
 
 
-def all_decoding(engine: Engine) -> bool:
-    # Every busy slot has sampled at least once and no prompt is waiting: the steady state.
-    slots = [s for s in engine._slots if s is not None]
-    return not engine._prefill_queue and all(s.response is not None and s.response.steps > 0 for s in slots)
+def all_decoding(engine: Engine, n: int) -> bool:
+    # All n sessions have sampled at least once and no prompt is waiting: the steady state.
+    busy = [s for s in engine._slots if s is not None and s.response is not None and s.response.steps > 0]
+    return len(busy) == n and not engine._prefill_queue
 
 
 def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
@@ -84,7 +84,7 @@ def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
     engine.step()
     sessions = open_sessions(engine, n)
     deadline = time.monotonic() + 600
-    while not all_decoding(engine):
+    while not all_decoding(engine, n):
         if not engine.step():
             time.sleep(0.002)  # requests are still being prepared
         restart_finished(sessions)
@@ -107,7 +107,7 @@ def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         while engine.steps - before < CYCLE:
             engine.step()
-    restart_finished(sessions)
+            restart_finished(sessions)  # keeps every session busy (its own ops are host-side, no aten)
     ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / (engine.steps - before)
     times.sort()
     for s in sessions:
@@ -122,7 +122,7 @@ def threaded(model, proc, n: int, decoder: str, seconds: float) -> dict:
     try:
         sessions = open_sessions(engine, n)
         deadline = time.monotonic() + 600
-        while not all_decoding(engine) and time.monotonic() < deadline:
+        while not all_decoding(engine, n) and time.monotonic() < deadline:
             restart_finished(sessions)
             time.sleep(0.01)
         time.sleep(1.0)

@@ -123,8 +123,8 @@ def step_times(model, proc, n: int, graphs: bool, steps: int, device: torch.devi
         if not engine.step():
             time.sleep(0.001)
         drain(sessions)
-        busy = [st for st in engine._slots if st is not None]
-        if not engine._prefill_queue and all(st.response is not None and st.response.steps > 0 for st in busy):
+        busy = [st for st in engine._slots if st is not None and st.response is not None and st.response.steps > 0]
+        if not engine._prefill_queue and len(busy) == n:
             break
     for _ in range(10):
         engine.step()
