@@ -288,12 +288,15 @@ class LevelResult:
     error_kinds: dict
     server_cpu_pct: float | None
     server_rss_mib: float | None
+    client_cpu_pct: float  # this bench process (the simulated users share the machine with the server)
     wall_s: float
     passed: bool
     meets_goal: bool
 
 
-def summarize(users: int, audio: str, results: list[UserResult], stats: ProcStats, wall_s: float) -> LevelResult:
+def summarize(
+    users: int, audio: str, results: list[UserResult], stats: ProcStats, client: ProcStats, wall_s: float
+) -> LevelResult:
     turns = [t for r in results for t in r.turns]
     done = [t for t in turns if t.done and t.status in ("completed", "incomplete")]
     ttfa = [t.first_audio - t.speech_end for t in done if t.first_audio is not None]
@@ -324,6 +327,7 @@ def summarize(users: int, audio: str, results: list[UserResult], stats: ProcStat
         error_kinds=kinds,
         server_cpu_pct=stats.cpu_percent(),
         server_rss_mib=stats.peak_rss / 2**20 if stats.pid is not None else None,
+        client_cpu_pct=client.cpu_percent() or 0.0,
         wall_s=wall_s,
         passed=passed,
         meets_goal=goal,
@@ -346,8 +350,9 @@ async def run_level(
 ) -> LevelResult:
     """``users`` simulated users at once (starts staggered over 2 s); their summary."""
     rng = random.Random(seed)
-    stats = ProcStats(server_pid)
+    stats, client = ProcStats(server_pid), ProcStats(os.getpid())
     stats.start()
+    client.start()
     t0 = time.monotonic()
     tasks = [
         asyncio.create_task(
@@ -368,7 +373,7 @@ async def run_level(
     while not all(t.done() for t in tasks):
         stats.sample()
         await asyncio.wait(tasks, timeout=1.0)
-    return summarize(users, audio, [t.result() for t in tasks], stats, time.monotonic() - t0)
+    return summarize(users, audio, [t.result() for t in tasks], stats, client, time.monotonic() - t0)
 
 
 # The server -----------------------------------------------------------------------------------
@@ -441,7 +446,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def print_table(levels: list[LevelResult]) -> None:
     head = f"{'users':>5} {'audio':>6} {'turns':>9} {'ttfa p50':>9} {'ttfa p95':>9} {'late %':>7} "
-    head += f"{'errors':>6} {'cpu %':>6} {'rss MiB':>8}  result"
+    head += f"{'errors':>6} {'cpu %':>6} {'rss MiB':>8} {'bench %':>7}  result"
     print(head)
     for r in levels:
         verdict = "PASS" if r.passed else "fail"
@@ -450,7 +455,7 @@ def print_table(levels: list[LevelResult]) -> None:
         print(
             f"{r.users:>5} {r.audio:>6} {f'{r.turns_done}/{r.turns_started}':>9} {_fmt(r.ttfa_p50_s, '.3f'):>9} "
             f"{_fmt(r.ttfa_p95_s, '.3f'):>9} {r.late_pct:>7.2f} {r.errors:>6} {_fmt(r.server_cpu_pct, '.0f'):>6} "
-            f"{_fmt(r.server_rss_mib, '.0f'):>8}  {verdict}"
+            f"{_fmt(r.server_rss_mib, '.0f'):>8} {r.client_cpu_pct:>7.0f}  {verdict}"
         )
 
 
