@@ -289,6 +289,7 @@ class LevelResult:
     server_cpu_pct: float | None
     server_rss_mib: float | None
     client_cpu_pct: float  # this bench process (the simulated users share the machine with the server)
+    loadavg_1m: float  # the machine's load at the level's end (other work on a shared machine shows here)
     wall_s: float
     passed: bool
     meets_goal: bool
@@ -328,6 +329,7 @@ def summarize(
         server_cpu_pct=stats.cpu_percent(),
         server_rss_mib=stats.peak_rss / 2**20 if stats.pid is not None else None,
         client_cpu_pct=client.cpu_percent() or 0.0,
+        loadavg_1m=os.getloadavg()[0],
         wall_s=wall_s,
         passed=passed,
         meets_goal=goal,
@@ -446,7 +448,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def print_table(levels: list[LevelResult]) -> None:
     head = f"{'users':>5} {'audio':>6} {'turns':>9} {'ttfa p50':>9} {'ttfa p95':>9} {'late %':>7} "
-    head += f"{'errors':>6} {'cpu %':>6} {'rss MiB':>8} {'bench %':>7}  result"
+    head += f"{'errors':>6} {'cpu %':>6} {'rss MiB':>8} {'bench %':>7} {'load':>5}  result"
     print(head)
     for r in levels:
         verdict = "PASS" if r.passed else "fail"
@@ -455,7 +457,7 @@ def print_table(levels: list[LevelResult]) -> None:
         print(
             f"{r.users:>5} {r.audio:>6} {f'{r.turns_done}/{r.turns_started}':>9} {_fmt(r.ttfa_p50_s, '.3f'):>9} "
             f"{_fmt(r.ttfa_p95_s, '.3f'):>9} {r.late_pct:>7.2f} {r.errors:>6} {_fmt(r.server_cpu_pct, '.0f'):>6} "
-            f"{_fmt(r.server_rss_mib, '.0f'):>8} {r.client_cpu_pct:>7.0f}  {verdict}"
+            f"{_fmt(r.server_rss_mib, '.0f'):>8} {r.client_cpu_pct:>7.0f} {r.loadavg_1m:>5.1f}  {verdict}"
         )
 
 
