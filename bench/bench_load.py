@@ -390,7 +390,14 @@ def free_port() -> int:
 class ServerProcess:
     """``lfm2audio-server`` in a subprocess on 127.0.0.1 (a context manager; terminated on exit)."""
 
-    def __init__(self, model: Path, max_sessions: int, extra: list[str] | None = None, log: Path | None = None):
+    def __init__(
+        self,
+        model: Path,
+        max_sessions: int,
+        extra: list[str] | None = None,
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         exe = shutil.which("lfm2audio-server") or ""
         cmd = [exe] if exe else [sys.executable, "-m", "lfm2audio_server"]
@@ -399,6 +406,7 @@ class ServerProcess:
             "--max-sessions", str(max_sessions), "--log-level", "warning", *(extra or []),
         ]  # fmt: skip
         self.log = log
+        self.env = env or {}  # added to this process's environment
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -411,7 +419,7 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         out = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        env = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        env = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **self.env}
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + 180
