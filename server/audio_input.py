@@ -7,7 +7,6 @@ client, and handed to the connection (``on_turn``), which decides about barge-in
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -28,7 +27,7 @@ from lfm2audio_server.protocol import ItemOrder, ProtocolError, engine_error, ev
 from lfm2audio_server.settings import RealtimeSettings, TurnDetection
 from lfm2audio_server.vad import (
     SAMPLE_RATE,
-    VAD_EXECUTOR,
+    VAD_BATCHER,
     SpeechAudio,
     SpeechStarted,
     SpeechStopped,
@@ -138,7 +137,7 @@ class AudioInput:
         if self._vad is None:
             self._to_engine(x)
             return
-        outputs = await asyncio.get_running_loop().run_in_executor(VAD_EXECUTOR, self._vad.feed, x)
+        outputs = await self._vad.feed_batched(x, VAD_BATCHER)
         for out in outputs:
             if isinstance(out, SpeechAudio):
                 try:

@@ -22,12 +22,13 @@ log = logging.getLogger("lfm2audio_server")
 
 
 def uvicorn_config(app: FastAPI, config: ServerConfig, **overrides: Any) -> uvicorn.Config:
-    """The uvicorn settings the server needs (WebSocket size limit, no uvicorn logging setup)."""
+    """The uvicorn settings the server needs (WebSocket size limit, permessage-deflate, no uvicorn logging setup)."""
     kwargs: dict[str, Any] = {
         "host": config.host,
         "port": config.port,
         "ws": "websockets-sansio",
         "ws_max_size": config.ws_max_size,
+        "ws_per_message_deflate": config.ws_per_message_deflate,
         "ws_ping_interval": 20.0,
         "ws_ping_timeout": 20.0,
         "log_config": uvicorn_log_config(),

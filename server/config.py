@@ -34,6 +34,9 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()  # empty: any origin
     static_dir: str | None = None  # default: clients/web of the checkout or the working directory
+    # permessage-deflate on the WebSocket: off, as audio hardly compresses and deflate costs the event loop
+    # CPU per message (about 12% of its time under load, issue 12)
+    ws_per_message_deflate: bool = False
     # Limits
     max_message_bytes: int = 4 * 1024 * 1024
     max_input_audio_s: float = 120.0
@@ -124,6 +127,7 @@ _OPTIONS = [
     _Opt("--api-key", "api_keys", "list", "accepted API key (repeatable; env: comma-separated)"),
     _Opt("--api-key-file", "api_key_file", "file", "file of accepted API keys, one per line (# comments)"),
     _Opt("--allowed-origins", "allowed_origins", "csv", "comma-separated browser origins allowed (default any)"),
+    _Opt("--ws-per-message-deflate", "ws_per_message_deflate", "true", "offer permessage-deflate (default off)"),
     _Opt("--static-dir", "static_dir", str, "folder served at / (default clients/web when it exists)"),
     _Opt("--max-message-bytes", "max_message_bytes", int, "largest client message (default 4 MiB)"),
     _Opt("--max-input-audio", "max_input_audio_s", float, "seconds of uncommitted input audio (default 120)"),
@@ -155,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for opt in _OPTIONS:
         metavar = opt.flag.lstrip("-").upper().replace("-", "_")
-        if opt.kind == "false":
-            p.add_argument(opt.flag, dest=opt.field, action="store_const", const=False, default=None, help=opt.help)
+        if opt.kind in ("false", "true"):
+            const = opt.kind == "true"
+            p.add_argument(opt.flag, dest=opt.field, action="store_const", const=const, default=None, help=opt.help)
         elif opt.kind == "list":
             p.add_argument(opt.flag, dest=opt.field, action="append", default=None, metavar="KEY", help=opt.help)
         elif opt.kind in ("file", "csv"):
@@ -207,6 +212,8 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
             try:
                 if opt.kind == "false":
                     value = raw_env.strip().lower() not in ("1", "true", "yes", "on")
+                elif opt.kind == "true":
+                    value = raw_env.strip().lower() in ("1", "true", "yes", "on")
                 elif opt.kind == "csv":
                     value = raw_env
                 else:
