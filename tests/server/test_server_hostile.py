@@ -99,7 +99,8 @@ def test_dead_reader_frees_its_slot(engine, timeout):
 
 def test_dead_reader_after_keepalive_timeout(engine):
     """The WebSocket layer's keepalive gives up on a client that reads nothing (while a write of ours is
-    blocked): the slot is free within seconds, though every timeout of ours is a minute."""
+    blocked): the slot is free well before any timeout of ours (all a minute). Bounded at 30 s: on a
+    loaded CI machine the keepalive's first ping and the close deadline can take several seconds."""
     config = ServerConfig(
         model="golden-tiny", max_sessions=1, send_timeout_s=60.0, max_session_s=60.0, idle_timeout_s=60.0
     )
@@ -111,7 +112,7 @@ def test_dead_reader_after_keepalive_timeout(engine):
             t0 = time.monotonic()
             ws = await dead_reader(s.port, s.url, talk("Talk to me for a long time.", 1500))
             while True:
-                assert time.monotonic() - t0 < 10.0, "the slot was not freed after the keepalive timeout"
+                assert time.monotonic() - t0 < 30.0, "the slot was not freed after the keepalive timeout"
                 try:
                     c = await StrictClient.connect(s.url)
                     break
