@@ -3,7 +3,8 @@
 For each number of active chat sessions (default 1, 8, 32, 64, 128) it reports
 
 * aten ops per engine step (torch profiler, over whole interleave cycles of 18 steps: 6 text + 12 audio),
-* steady-state step time (the engine stepped by this script, no thread: ``Engine.step``),
+* steady-state step time (the engine stepped by this script, no thread: ``Engine.step``; the levels'
+  engines run side by side and are timed in alternation, so a drift in the machine's speed hits all alike),
 * through the public API (engine thread running, events consumed), each session's audio rate:
   the slowest session's frames per second, against real time (12.5).
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,11 +41,14 @@ from lfm2audio.engine import (  # noqa: E402
     EngineConfig,
     ResponseDone,
     SessionConfig,
+    TextDelta,
 )
+from lfm2audio.engine.cpu_tuning import load_without_team, use_threads_here  # noqa: E402
 from lfm2audio.tokens import FRAME_RATE  # noqa: E402
 
 GOLDEN = Path(os.environ.get("LFM2AUDIO_GOLDEN", ROOT.parent / "shared" / "golden"))
 CYCLE = 18  # steps of one interleave cycle (6 text + 12 audio)
+REAL_TIME_POSITIONS = FRAME_RATE * CYCLE / 12  # sampled positions per second that keep the audio real time
 
 
 def chat_config(seed: int) -> SessionConfig:
@@ -51,17 +56,19 @@ def chat_config(seed: int) -> SessionConfig:
     return SessionConfig(mode="chat", text_sampling=text, audio_sampling=audio, max_output_tokens=4000, seed=seed)
 
 
-def restart_finished(sessions: list) -> int:
-    """Drain events; a session whose response ended asks for the next one. Returns audio frames seen."""
-    frames = 0
+def restart_finished(sessions: list) -> tuple[int, int]:
+    """Drain events; a session whose response ended asks for the next one. Returns (audio frames, text tokens)."""
+    frames = tokens = 0
     for s in sessions:
         while (ev := s.events.get_nowait()) is not None:
             if isinstance(ev, AudioFrame) and not ev.end_of_audio:
                 frames += 1
+            elif isinstance(ev, TextDelta):
+                tokens += 1
             elif isinstance(ev, ResponseDone):
                 s.add_text("Tell me more.")
                 s.create_response()
-    return frames
+    return frames, tokens
 
 
 def open_sessions(engine: Engine, n: int) -> list:
@@ -78,8 +85,8 @@ def all_decoding(engine: Engine, n: int) -> bool:
     return len(busy) == n and not engine._prefill_queue
 
 
-def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
-    """Ops and step time with the engine stepped here (no thread), all n sessions decoding."""
+def steady(model, proc, n: int, decoder: str) -> tuple[Engine, list]:
+    """An engine stepped here (no thread) with n chat sessions, every one of them decoding."""
     engine = Engine(model, proc, EngineConfig(max_sessions=n, max_context=4096, audio_decoder=decoder))
     engine.step()
     sessions = open_sessions(engine, n)
@@ -93,9 +100,14 @@ def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
     for _ in range(CYCLE):
         engine.step()
         restart_finished(sessions)
-    # Only steps that ran the batch count (a session restarting its turn may leave a step with nothing to do).
-    times = []
-    while len(times) < cycles * CYCLE:
+    return engine, sessions
+
+
+def timed_cycle(engine: Engine, sessions: list) -> list[float]:
+    """Wall time of each step of one interleave cycle (steps that ran the batch only: a session
+    restarting its turn may leave a step with nothing to do)."""
+    times: list[float] = []
+    while len(times) < CYCLE:
         before = engine.steps
         t0 = time.perf_counter()
         engine.step()
@@ -103,22 +115,55 @@ def stepped(model, proc, n: int, decoder: str, cycles: int) -> dict:
         if engine.steps > before:
             times.append(dt)
         restart_finished(sessions)
+    return times
+
+
+def ops_per_step(engine: Engine, sessions: list) -> float:
     before = engine.steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         while engine.steps - before < CYCLE:
             engine.step()
             restart_finished(sessions)  # keeps every session busy (its own ops are host-side, no aten)
-    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / (engine.steps - before)
-    times.sort()
-    for s in sessions:
-        s.close()
-    engine.step()
-    return {"ops_per_step": round(ops), "step_ms_median": 1000 * times[len(times) // 2], "step_ms_min": 1000 * times[0]}
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / (engine.steps - before)
 
 
-def threaded(model, proc, n: int, decoder: str, seconds: float) -> dict:
-    """Each session's audio rate through the public API, the engine on its own thread."""
-    engine = Engine(model, proc, EngineConfig(max_sessions=n, max_context=4096, audio_decoder=decoder)).start()
+def stepped(model, proc, levels: list[int], decoder: str, cycles: int) -> dict[int, dict]:
+    """Ops and step time per level with the engines stepped here, all levels' sessions decoding.
+
+    The levels are timed in alternation, one interleave cycle each in turn, so that a change in
+    the machine's speed while the bench runs (a shared or virtual machine's) affects every level alike.
+    """
+    engines = {n: steady(model, proc, n, decoder) for n in levels}
+    times: dict[int, list[float]] = {n: [] for n in levels}
+    for _ in range(cycles):
+        for n, (engine, sessions) in engines.items():
+            times[n] += timed_cycle(engine, sessions)
+    out = {}
+    for n, (engine, sessions) in engines.items():
+        ts = sorted(times[n])
+        out[n] = {
+            "ops_per_step": round(ops_per_step(engine, sessions)),
+            "step_ms_median": 1000 * ts[len(ts) // 2],
+            "step_ms_min": 1000 * ts[0],
+        }
+        for s in sessions:
+            s.close()
+        engine.step()
+    return out
+
+
+def threaded(model, proc, n: int, decoder: str, seconds: float, threads: int | None) -> dict:
+    """Each session's output rate through the public API, the engine on its own thread.
+
+    Real time needs 12.5 audio frames per second while a session speaks. With random weights a
+    response's audio can end long before its text does (the text-only rest of an interleaved turn
+    is what the model drew, not the engine being slow), so the test of real time is the slowest
+    session's rate of sampled positions: an interleaved turn samples 18 positions (6 text + 12 audio)
+    per 12 frames, so 18.75 positions per second keep its audio real time. Raw frames per second
+    are reported too.
+    """
+    config = EngineConfig(max_sessions=n, max_context=4096, audio_decoder=decoder, threads=threads)
+    engine = Engine(model, proc, config).start()
     try:
         sessions = open_sessions(engine, n)
         deadline = time.monotonic() + 600
@@ -127,23 +172,45 @@ def threaded(model, proc, n: int, decoder: str, seconds: float) -> dict:
             time.sleep(0.01)
         time.sleep(1.0)
         restart_finished(sessions)
-        counts = [0] * n
+        frames, positions = [0] * n, [0] * n
         steps0, t0 = engine.steps, time.monotonic()
         while time.monotonic() - t0 < seconds:
             time.sleep(0.05)
             for i, s in enumerate(sessions):
-                counts[i] += restart_finished([s])
+                f, t = restart_finished([s])
+                frames[i] += f
+                positions[i] += f + t
         elapsed = time.monotonic() - t0
         steps = engine.steps - steps0
-        rates = [c / elapsed for c in counts]
+        rates = [c / elapsed for c in frames]
+        pos_rates = [c / elapsed for c in positions]
         return {
             "frames_per_s_min": min(rates),
             "frames_per_s_mean": sum(rates) / n,
+            "positions_per_s_min": min(pos_rates),
             "steps_per_s": steps / elapsed,
-            "real_time": min(rates) >= FRAME_RATE,
+            "real_time": min(pos_rates) >= REAL_TIME_POSITIONS,
         }
     finally:
         engine.stop()
+
+
+def in_engine_thread(fn, threads: int | None, *args):
+    """``fn(*args)`` on a thread of its own with ``threads`` intra-op threads, as the engine thread runs."""
+    result: list = []
+
+    def body() -> None:
+        if threads is not None:
+            use_threads_here(threads)
+        with torch.inference_mode():
+            result.append(fn(*args))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if not result:
+        raise RuntimeError("the stepped measurement failed (see the traceback above)")
+    return result[0]
 
 
 def main() -> None:
@@ -151,36 +218,58 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=str(GOLDEN / "checkpoint"))
     ap.add_argument("--sessions", default="1,8,32,64,128")
     ap.add_argument("--audio-decoder", default="mimi", choices=["mimi", "detokenizer"])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cycles", type=int, default=4, help="interleave cycles (18 steps) timed per level")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of this process (the stepped engines)")
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="EngineConfig.threads of the threaded engine (default: --threads)")
+    ap.add_argument("--cycles", type=int, default=8, help="interleave cycles (18 steps) timed per level")
     ap.add_argument("--seconds", type=float, default=6.0, help="window of the public-API audio-rate measurement")
     ap.add_argument("--no-threaded", action="store_true", help="skip the public-API audio-rate measurement")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_overhead.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = LFM2AudioModel.from_pretrained(args.checkpoint, device="cpu")
-    proc = LFM2AudioProcessor.from_pretrained(args.checkpoint, device="cpu")
+    if args.engine_threads is None:
+        args.engine_threads = args.threads
+    # Loaded as the server loads (no OpenMP team left on this thread: lfm2audio.engine.cpu_tuning).
+    model = load_without_team(LFM2AudioModel.from_pretrained, args.checkpoint, device="cpu")
+    proc = load_without_team(LFM2AudioProcessor.from_pretrained, args.checkpoint, device="cpu")
     levels = [int(x) for x in args.sessions.split(",")]
+    steps = in_engine_thread(stepped, args.engine_threads, model, proc, levels, args.audio_decoder, args.cycles)
     rows = []
     for n in levels:
-        row = {"sessions": n, **stepped(model, proc, n, args.audio_decoder, args.cycles)}
+        row = {"sessions": n, **steps[n]}
         if not args.no_threaded:
-            row.update(threaded(model, proc, n, args.audio_decoder, args.seconds))
+            row.update(threaded(model, proc, n, args.audio_decoder, args.seconds, args.engine_threads))
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]
-    print(f"\nengine overhead, tiny checkpoint, {args.audio_decoder} decoder, {args.threads} threads, torch "
-          f"{torch.__version__}")
-    print("| sessions | aten ops/step | x 1 session | step ms (median) | x 1 session | min frames/s/session |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"\nengine overhead, tiny checkpoint, {args.audio_decoder} decoder, engine thread with "
+        f"{args.engine_threads} intra-op threads, torch {torch.__version__}"
+    )
+    print(
+        "| sessions | aten ops/step | x 1 session | step ms (median) | x 1 session "
+        "| min frames/s/session | min positions/s/session | real time |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         fps = f"{r['frames_per_s_min']:.1f}" if "frames_per_s_min" in r else "-"
-        print(f"| {r['sessions']} | {r['ops_per_step']} | {r['ops_per_step'] / base['ops_per_step']:.2f} | "
-              f"{r['step_ms_median']:.1f} | {r['step_ms_median'] / base['step_ms_median']:.2f} | {fps} |")
+        pps = f"{r['positions_per_s_min']:.1f}" if "positions_per_s_min" in r else "-"
+        rt = ("yes" if r["real_time"] else "no") if "real_time" in r else "-"
+        print(
+            f"| {r['sessions']} | {r['ops_per_step']} | {r['ops_per_step'] / base['ops_per_step']:.2f} | "
+            f"{r['step_ms_median']:.1f} | {r['step_ms_median'] / base['step_ms_median']:.2f} | {fps} | {pps} | {rt} |"
+        )
+    print(f"(real time: every session samples >= {REAL_TIME_POSITIONS:.2f} positions/s, i.e. 12.5 frames/s of speech)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": args.checkpoint, "audio_decoder": args.audio_decoder, "threads": args.threads,
-            "torch": torch.__version__, "cpus": os.cpu_count()}
+    meta = {
+        "checkpoint": args.checkpoint,
+        "audio_decoder": args.audio_decoder,
+        "threads": args.threads,
+        "engine_threads": args.engine_threads,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

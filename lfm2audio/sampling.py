@@ -23,6 +23,7 @@ greedily; temperatures above ``MAX_TEMPERATURE`` act as ``MAX_TEMPERATURE``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,14 +117,21 @@ def seed_key(seed: int) -> int:
     return int(seed) % (1 << 63)
 
 
-def counter_uniform(seeds: Tensor, counters: Tensor, lane: int) -> Tensor:
-    """Uniform float32 numbers in (0, 1), one per row, fixed by (seed, counter, lane) alone.
+def counter_uniform(seeds: Tensor, counters: Tensor, lane: int | Sequence[int]) -> Tensor:
+    """Uniform float32 numbers in (0, 1), one per row and lane, fixed by (seed, counter, lane) alone.
 
     ``seeds`` and ``counters`` are int64 tensors of the same shape (non-negative).
+    One ``lane`` gives that shape; a sequence of lanes adds a last dimension, one
+    column per lane, with the same values (the lane enters only the last round, so
+    a frame's 8 codebooks cost one hash of the seed and counter, not 8).
     """
     h = _mix32((seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ 0x5BD1E995))
-    h = _mix32(h ^ (counters & _M32))
-    h = _mix32(h ^ ((counters >> 32) & _M32) ^ ((lane * 0x27D4EB2F + 0x165667B1) & _M32))
+    h = _mix32(h ^ (counters & _M32)) ^ ((counters >> 32) & _M32)
+    if isinstance(lane, int):
+        h = _mix32(h ^ ((lane * 0x27D4EB2F + 0x165667B1) & _M32))
+    else:
+        lanes = torch.tensor([(k * 0x27D4EB2F + 0x165667B1) & _M32 for k in lane], device=h.device)
+        h = _mix32(h.unsqueeze(-1) ^ lanes)
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -143,11 +151,18 @@ def sample_inverse_cdf(
     cumulative probability first exceeds ``u``. Greedy rows are a plain argmax
     of the raw logits, bit for bit. A fixed sequence of batched ops whatever
     the rows hold.
+
+    Candidates are the ``k_cap`` largest raw logits (a positive temperature does
+    not change their order), so temperature and the NaN/inf clean-up touch only
+    those: two passes over the vocabulary (argmax, topk) whatever the batch.
+    NaN sorts above every number there and is then cleaned to -inf: a row's NaN
+    logit takes one of its candidate places and is never drawn while a finite
+    candidate is left.
     """
     best = logits.argmax(dim=-1)
     k_cap = max(1, min(k_cap, logits.shape[-1]))
-    scores = _clean(logits.float() / temperature.view(-1, 1))
-    values, index = scores.topk(k_cap, dim=-1)
+    values, index = logits.topk(k_cap, dim=-1)
+    values = _clean(values.float() / temperature.view(-1, 1))
     rank = torch.arange(k_cap, device=logits.device).view(1, -1)
     values = values.masked_fill(rank >= top_k.view(-1, 1), float("-inf"))
     cdf = values.softmax(dim=-1).cumsum(dim=-1)
@@ -173,9 +188,15 @@ class RowSampling:
     counters: Tensor  # (B,) int64
     k_cap: int
 
-    def sample(self, logits: Tensor, lane: int) -> Tensor:
-        u = counter_uniform(self.seeds, self.counters, lane)
+    def sample(self, logits: Tensor, lane: int, u: Tensor | None = None) -> Tensor:
+        """One token per row; ``u`` (B,), when given, is ``self.uniforms([lane])[:, 0]`` computed earlier."""
+        if u is None:
+            u = counter_uniform(self.seeds, self.counters, lane)
         return sample_inverse_cdf(logits, self.temperature, self.top_k, self.greedy, u, self.k_cap)
+
+    def uniforms(self, lanes: Sequence[int]) -> Tensor:
+        """The rows' uniform numbers (B, len(lanes)) for several lanes at once."""
+        return counter_uniform(self.seeds, self.counters, lanes)
 
     def rows(self, index: Tensor) -> RowSampling:
         """The same parameters for the rows ``index`` (a gather, no host reads)."""

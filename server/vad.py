@@ -32,15 +32,10 @@ HYSTERESIS = 0.15
 
 def _single_threaded() -> None:
     """Run this thread's torch ops on one core (Silero is tiny; intra-op parallelism only costs barrier
-    waits, badly so on busy machines). torch.set_num_threads also sets the default of threads created
-    later (the engine's); a helper thread puts that default back, leaving this thread at 1."""
-    import torch
+    waits, badly so on busy machines); threads started later keep torch's default."""
+    from lfm2audio.engine.cpu_tuning import use_threads_here
 
-    default = torch.get_num_threads()
-    torch.set_num_threads(1)
-    helper = threading.Thread(target=torch.set_num_threads, args=(default,))
-    helper.start()
-    helper.join()
+    use_threads_here(1)
 
 
 # Runs a StreamingVad's synchronous ``feed`` off the event loop (tests, tools); the server uses VAD_BATCHER.

@@ -108,3 +108,13 @@ def test_sampling_params_refuse_nan_and_infinity_and_tiny_temperatures_are_greed
 
 def test_k_buckets():
     assert [k_bucket(k, 2049) for k in (1, 2, 3, 4, 5, 64, 65, 5000)] == [1, 2, 4, 4, 8, 64, 128, 2049]
+
+
+def test_uniforms_of_several_lanes_equal_one_lane_at_a_time():
+    seeds = torch.randint(0, 1 << 62, (40,))
+    counters = torch.randint(0, 1 << 40, (40,))
+    rows = RowSampling(torch.ones(40), torch.full((40,), 4), torch.zeros(40, dtype=torch.bool), seeds, counters, 4)
+    together = rows.uniforms(range(9))
+    assert together.shape == (40, 9)
+    for lane in range(9):
+        assert torch.equal(together[:, lane], counter_uniform(seeds, counters, lane))

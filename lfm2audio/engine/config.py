@@ -44,8 +44,14 @@ class EngineConfig:
     # Run the batched step on whole batch-size buckets with masks (what CUDA graphs replay) even without
     # graphs; by default rows are gathered per modality. For tests of the graph path on any device.
     bucketed_rows: bool = False
+    # torch intra-op threads of the engine thread (None: what torch gives new threads). Only that thread
+    # changes. Under OpenMP, more than 1 is slowed 2-3x when another thread that ran torch ops (the one
+    # that loaded the model) still has its team: load with cpu_tuning.load_without_team, as the server does.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         for name in ("max_sessions", "max_context", "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -51,6 +51,7 @@ from torch import Tensor
 from lfm2audio.audio_model import LFM2AudioModel
 from lfm2audio.engine.audio_out import make_audio_decoder
 from lfm2audio.engine.config import DEFAULT_SAMPLING, EngineConfig, SessionConfig
+from lfm2audio.engine.cpu_tuning import retain_freed_memory, use_threads_here
 from lfm2audio.engine.events import (
     PoolFullError,
     ResponseDone,
@@ -80,6 +81,8 @@ class Engine:
         self.processor = processor
         self.config = config or EngineConfig()
         cfg = self.config
+        if model.device.type == "cpu":
+            retain_freed_memory()  # a CPU step's large temporaries would otherwise fault in fresh pages
         self.cache = model.lfm.new_cache(cfg.max_sessions, cfg.max_context)
         self.audio = make_audio_decoder(processor, cfg.audio_decoder, cfg.max_sessions)
         graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else model.device.type == "cuda"
@@ -366,6 +369,8 @@ class Engine:
     # Engine thread ----------------------------------------------------------------------
 
     def _run(self, ready: threading.Event) -> None:
+        if self.config.threads is not None:
+            use_threads_here(self.config.threads)
         with torch.inference_mode():
             try:
                 if self.batch.cuda_graphs:

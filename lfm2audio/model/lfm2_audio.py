@@ -129,9 +129,11 @@ class LFM2AudioNetwork(nn.Module):
 
     def sample_audio_frame_rows(self, hidden: Tensor, rows: RowSampling) -> Tensor:
         """Codes (B, codebooks) with per-row parameters and counter-based noise (codebook k is lane k)."""
+        u = rows.uniforms(range(self.codebooks))
         return sample_audio_frame(  # type: ignore[return-value]
-            self.depthformer, self.depth_linear, self.depth_embeddings, hidden, rows.sample
-        )
+            self.depthformer, self.depth_linear, self.depth_embeddings, hidden,
+            lambda logits, k: rows.sample(logits, k, u[:, k]),
+        )  # fmt: skip
 
     def audio_frame_logits(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Greedy codes (B, codebooks) and the logits (B, codebooks, vocab) along that path."""
