@@ -237,22 +237,57 @@ async def run_user(
 
 
 class ProcStats:
-    """CPU time and peak RSS of a process (Linux /proc), sampled while a level runs."""
+    """CPU time and peak RSS of a process and its descendants (Linux /proc; ``--workers`` runs an engine
+    process and API workers under the server's pid), sampled while a level runs."""
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.peak_rss = 0
         self._cpu0 = self._wall0 = 0.0
+        self._gone = 0.0  # CPU of descendants that exited since start (a replaced worker)
+        self._last: dict[int, float] = {}
 
-    def _cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def _tree(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        tree, frontier = [self.pid], [self.pid]
+        while frontier:
+            frontier = [p for p, pp in parents.items() if pp in frontier]
+            tree += frontier
+        return tree
+
+    @staticmethod
+    def _proc_cpu(pid: int) -> float | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def _cpu(self) -> float:
+        now: dict[int, float] = {}
+        for pid in self._tree():
+            cpu = self._proc_cpu(pid)
+            if cpu is not None:
+                now[pid] = cpu
+        self._gone += sum(v for p, v in self._last.items() if p not in now)
+        self._last = now
+        return sum(now.values()) + self._gone
+
     def _rss(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        total = 0
+        for pid in self._tree():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                continue
+        return total
 
     def start(self) -> None:
         if self.pid is not None:

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from lfm2audio.engine import Engine, EngineConfig, PoolFullError
+from lfm2audio.engine.cpu_tuning import load_without_team
 from lfm2audio_server import protocol as P
 from lfm2audio_server.auth import Authenticator, find_key, offered_subprotocols, select_subprotocol
 from lfm2audio_server.config import ServerConfig
@@ -41,14 +42,22 @@ def default_engine_factory(config: ServerConfig) -> Engine:
         prefill_chunk=config.prefill_chunk,
         audio_decoder=config.audio_decoder,  # type: ignore[arg-type]
         max_input_seconds=config.max_input_audio_s,
+        threads=config.threads or None,
     )
-    if config.quantize is None:
-        return Engine.from_pretrained(config.model, device=config.device, dtype=dtype, config=engine_config)
-    # Engine.from_pretrained takes no quantize argument: load the quantized model here.
-    from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
 
-    model = LFM2AudioModel.from_pretrained(config.model, device=config.device, dtype=dtype, quantize=config.quantize)
-    return Engine(model, LFM2AudioProcessor.from_pretrained(config.model, device=model.device), engine_config)
+    def load() -> Engine:
+        if config.quantize is None:
+            return Engine.from_pretrained(config.model, device=config.device, dtype=dtype, config=engine_config)
+        # Engine.from_pretrained takes no quantize argument: load the quantized model here.
+        from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
+
+        model = LFM2AudioModel.from_pretrained(
+            config.model, device=config.device, dtype=dtype, quantize=config.quantize
+        )
+        return Engine(model, LFM2AudioProcessor.from_pretrained(config.model, device=model.device), engine_config)
+
+    # Loaded on a thread that leaves no OpenMP team behind: the engine thread's parallel ops stay fast.
+    return load_without_team(load)
 
 
 class ServerState:
@@ -72,6 +81,11 @@ class ServerState:
     def hurry(self) -> None:
         """Cut a drain's grace period short (a second signal)."""
         self._hurry = True
+
+    @property
+    def serving(self) -> bool:
+        """Ready, and the engine is there (an engine in another process may have ended)."""
+        return self.ready and self.engine is not None and getattr(self.engine, "alive", True)
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -194,12 +208,18 @@ def create_app(
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        body: dict[str, Any] = {"ready": state.ready, "draining": state.draining}
+        serving = state.serving
+        body: dict[str, Any] = {"ready": serving, "draining": state.draining}
         if state.auth.check(find_key(request.headers, request.query_params)):
             body.update(model=config.model, sessions=len(state.connections), max_sessions=config.max_sessions)
+            info = getattr(state.engine, "info", None)  # an engine process (--workers)
+            if info is not None:
+                body["engine_pid"] = info.pid
             if state.load_error:
                 body["error"] = state.load_error
-        return JSONResponse(body, status_code=200 if state.ready else 503)
+            elif state.ready and not serving:
+                body["error"] = "the engine process ended"
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -307,6 +327,10 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
     if state.draining:
         err = ProtocolError("server_shutting_down", "the server is shutting down", type="server_error")
         await _unavailable(ws, subprotocol, state, CLOSE_GOING_AWAY, err)
+        return
+    if state.ready and not state.serving:
+        err = ProtocolError("engine_unavailable", "the engine process ended; retry shortly", type="server_error")
+        await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, err)
         return
     if not state.ready or state.engine is None:
         err = ProtocolError("model_not_ready", "the model is still loading; retry shortly", type="server_error")

@@ -27,6 +27,8 @@ class ServerConfig:
     max_context: int = 4096
     prefill_chunk: int = 128
     audio_decoder: str = "auto"  # auto | mimi | detokenizer
+    threads: int = 0  # torch intra-op threads of the engine thread; 0: torch's default
+    workers: int = 0  # API worker processes beside an engine process; 0: the engine runs in the API process
     warmup: bool = True
     # Network
     host: str = "127.0.0.1"
@@ -70,6 +72,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("threads", "workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         if not isinstance(self.http_max_queue, int) or self.http_max_queue < 0:
             raise ConfigError(f"http_max_queue must be a non-negative integer, got {self.http_max_queue!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
@@ -123,6 +129,8 @@ _OPTIONS = [
     _Opt("--max-context", "max_context", int, "positions per session (default 4096)"),
     _Opt("--prefill-chunk", "prefill_chunk", int, "positions prefilled per engine step (default 128)"),
     _Opt("--audio-decoder", "audio_decoder", str, "auto | mimi | detokenizer (default auto)"),
+    _Opt("--workers", "workers", int, "API worker processes beside an engine process (default 0: one process)"),
+    _Opt("--threads", "threads", int, "torch threads of the engine thread (default 0: torch's; 1 often best on CPU)"),
     _Opt("--no-warmup", "warmup", "false", "skip the warm-up turn before /ready reports ready"),
     _Opt("--api-key", "api_keys", "list", "accepted API key (repeatable; env: comma-separated)"),
     _Opt("--api-key-file", "api_key_file", "file", "file of accepted API keys, one per line (# comments)"),

@@ -25,6 +25,7 @@ CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_INVALID_DATA = 1007  # a text frame that is not UTF-8 (sent by the WebSocket layer)
 CLOSE_POLICY = 1008  # auth, origin, limits, a client that stopped reading
 CLOSE_TOO_BIG = 1009  # a message over twice max_message_bytes (sent by the WebSocket layer)
+CLOSE_INTERNAL_ERROR = 1011  # the engine process ended: the session cannot go on
 CLOSE_TRY_AGAIN = 1013  # session limit reached, model not ready
 
 

@@ -37,9 +37,11 @@ from lfm2audio_server.audio import (
     pack_frame,
     pack_packets,
 )
+from lfm2audio_server.engine_process import ENGINE_LOST
 from lfm2audio_server.metrics import Metrics
 from lfm2audio_server.outbox import Outbox
 from lfm2audio_server.protocol import (
+    CLOSE_INTERNAL_ERROR,
     ItemOrder,
     ProtocolError,
     content_event,
@@ -254,6 +256,16 @@ class Responses:
                     self._on_text(ev)
                 elif isinstance(ev, ResponseDone):
                     self._on_done(ev)
+                elif isinstance(ev, SessionEvent) and ev.kind == ENGINE_LOST:
+                    self.outbox.close(
+                        CLOSE_INTERNAL_ERROR,
+                        "engine_unavailable",
+                        ProtocolError(
+                            "engine_unavailable",
+                            "the engine process ended; this session's conversation is lost: reconnect",
+                            type="server_error",
+                        ),
+                    )
                 elif isinstance(ev, SessionEvent):
                     self.outbox.send(event("lfm2audio.session_event", kind=ev.kind, detail=ev.detail))
             except Exception:

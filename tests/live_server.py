@@ -7,6 +7,7 @@ without. The fixtures built on these (``engine``, ``server``, ``tts_engine``, ..
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -29,7 +30,7 @@ class LiveServer:
     def __init__(self, app: Any, config: Any, *, sndbuf: int | None = None) -> None:
         import uvicorn
 
-        from lfm2audio_server.cli import uvicorn_config
+        from lfm2audio_server.uvicorn_server import uvicorn_config
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,11 +96,60 @@ def serve(engine: Any, **overrides: Any) -> LiveServer:
     return LiveServer(create_app(config, engine=engine), config)
 
 
+# LFM2AUDIO_TEST_ENGINE=process: the engines the server tests use run in a process of their own, as with
+# ``lfm2audio-server --workers N`` (server/engine_process.py); the test process is then the API worker.
+ENGINE_MODE = os.environ.get("LFM2AUDIO_TEST_ENGINE", "thread")
+
+
+class EngineProcess:
+    """An engine process for tests: the ``RemoteEngine`` an API worker uses (attributes are its), plus
+    a local processor (tests decode token ids with it) and ``stop()``, which ends the process."""
+
+    def __init__(self, checkpoint: Path, *, max_sessions: int, warmup: bool) -> None:
+        import multiprocessing
+        import secrets
+        import tempfile
+
+        from devices import DEVICE, DTYPE
+
+        from lfm2audio import LFM2AudioProcessor
+        from lfm2audio_server.config import ServerConfig
+        from lfm2audio_server.engine_process import RemoteEngine
+        from lfm2audio_server.supervisor import engine_main
+
+        dtype = None if DTYPE is None else str(DTYPE).removeprefix("torch.")
+        config = ServerConfig(
+            model=str(checkpoint), device=str(DEVICE), dtype=dtype, max_sessions=max_sessions, max_context=2048,
+            warmup=warmup, log_level="warning",
+        )  # fmt: skip
+        self._dir = tempfile.mkdtemp(prefix="lfm2audio-test-engine-")
+        address, authkey = os.path.join(self._dir, "engine.sock"), secrets.token_bytes(16)
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=engine_main, args=(config, address, authkey), daemon=True
+        )
+        self.process.start()
+        self.remote = RemoteEngine.connect(address, authkey, timeout=TIMEOUT * 3)
+        self.processor = LFM2AudioProcessor.from_pretrained(checkpoint, device="cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.remote, name)
+
+    def stop(self) -> None:
+        import shutil
+
+        self.remote.stop()
+        self.process.terminate()
+        self.process.join(TIMEOUT)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 def start_engine(checkpoint: Path, *, max_sessions: int, warmup: bool = True) -> Any:
     from devices import DEVICE, DTYPE
 
     from lfm2audio.engine import Engine, EngineConfig
 
+    if ENGINE_MODE == "process":
+        return EngineProcess(checkpoint, max_sessions=max_sessions, warmup=warmup)
     config = EngineConfig(max_sessions=max_sessions, max_context=2048)
     engine = Engine.from_pretrained(checkpoint, device=DEVICE, dtype=DTYPE, config=config)
     engine.start()

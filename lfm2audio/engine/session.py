@@ -262,6 +262,12 @@ class Session:
         with self._lock:
             self._response_id = None
 
+    def mark_responding(self, response_id: str) -> None:
+        """For a relay that submits to the host on this session's behalf (a session of another process,
+        ``lfm2audio_server.engine_process``): response ``response_id`` is now in progress."""
+        with self._lock:
+            self._response_id = response_id
+
     # Lifetime -----------------------------------------------------------------------
 
     @property

@@ -250,6 +250,8 @@ def test_tool_call_round_trip(server):
             await c.send("response.create", response={"max_output_tokens": 6})
             nxt = await c.wait_for("response.done")
             assert nxt["response"]["status"] in ("completed", "incomplete")
+            if not hasattr(engine, "_slots"):
+                return  # an engine process (LFM2AUDIO_TEST_ENGINE=process): its history is not in reach
             # The tool turn is in the history the next response was built on.
             turns = engine._slots[conn.session.slot].history.turns
             tool = [t for t in turns if t.role == "tool"]
