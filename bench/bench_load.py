@@ -240,14 +240,17 @@ class ProcStats:
     """CPU time and peak RSS of a process and its descendants (Linux /proc; ``--workers`` runs an engine
     process and API workers under the server's pid), sampled while a level runs."""
 
-    def __init__(self, pid: int | None) -> None:
+    def __init__(self, pid: int | None, *, tree: bool = True) -> None:
         self.pid = pid
+        self.tree = tree  # with the descendants (the server); the bench's own process counts alone
         self.peak_rss = 0
         self._cpu0 = self._wall0 = 0.0
         self._gone = 0.0  # CPU of descendants that exited since start (a replaced worker)
         self._last: dict[int, float] = {}
 
     def _tree(self) -> list[int]:
+        if not self.tree:
+            return [self.pid]
         parents: dict[int, int] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -387,7 +390,7 @@ async def run_level(
 ) -> LevelResult:
     """``users`` simulated users at once (starts staggered over 2 s); their summary."""
     rng = random.Random(seed)
-    stats, client = ProcStats(server_pid), ProcStats(os.getpid())
+    stats, client = ProcStats(server_pid), ProcStats(os.getpid(), tree=False)
     stats.start()
     client.start()
     t0 = time.monotonic()

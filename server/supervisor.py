@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from multiprocessing.connection import Listener
@@ -33,6 +34,10 @@ from lfm2audio_server.config import ServerConfig
 
 log = logging.getLogger("lfm2audio_server.supervisor")
 
+# The engine process's threads (engine, prepare, the workers' links) hand the GIL over this often when
+# they contend, not every 5 ms (Python's default): a user's turn prepared beside a busy engine thread got
+# its first audio sooner (bench_load, 32 users: p95 time to first audio 1.05-1.11 s against 1.34-1.68 s).
+GIL_SWITCH_S = 0.0005
 ENGINE_LOSS_GRACE_S = 2.0  # the workers' time to tell their clients before they are stopped
 POLL_S = 0.2
 
@@ -44,6 +49,7 @@ def engine_main(config: ServerConfig, address: str, authkey: bytes) -> None:
     from lfm2audio_server.logging import configure_logging
 
     configure_logging(config.log_level)
+    sys.setswitchinterval(GIL_SWITCH_S)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     engine = default_engine_factory(config)

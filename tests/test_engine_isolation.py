@@ -6,6 +6,7 @@ cache rows back)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -150,3 +151,64 @@ def test_history_is_reembedded_off_the_engine_thread(checkpoint_dir, golden, mon
         assert offloaded == inline
     finally:
         engine.stop()
+
+
+def test_a_prompt_completed_beside_a_failing_prefill_goes_on(checkpoint_dir, monkeypatch):
+    """Two prompts complete in one step (plan.prefills); the second one's prefill raises: it fails
+    alone, and the first, already in the cache, samples next step with the tokens it has alone."""
+    proc = LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu")
+    model = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu")
+    engine = Engine(model, proc, EngineConfig(max_sessions=2, prefill_chunk=256))
+
+    def run_until_done(session):
+        tokens = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not engine.step():
+                time.sleep(0.002)  # the request is still being prepared
+            while (ev := session.events.get_nowait()) is not None:
+                if isinstance(ev, TextDelta):
+                    tokens.append(ev.token_id)
+                elif isinstance(ev, ResponseDone):
+                    return tokens, ev
+        raise AssertionError("no ResponseDone")
+
+    def second_turn_ready():
+        # A first turn ends with the system prompt snapshotted; the second turn's prompt needs no cut.
+        s = _start(engine, "Hi.")
+        run_until_done(s)
+        return s
+
+    engine.step()  # manual stepping: the test decides when the step runs
+    alone = second_turn_ready()
+    alone.add_text("Tell me about the sea.")
+    alone.create_response()
+    baseline, done = run_until_done(alone)
+    alone.close()
+    a, b = second_turn_ready(), second_turn_ready()
+    prefill_chunk = engine._prefill_chunk
+    calls = []
+
+    def failing(chunk):
+        calls.append((chunk.slot, chunk.end - chunk.start))
+        if chunk.slot == b.slot:
+            raise RuntimeError("injected prefill fault")
+        return prefill_chunk(chunk)
+
+    monkeypatch.setattr(engine, "_prefill_chunk", failing)
+    a.add_text("Tell me about the sea.")
+    a.create_response()
+    b.add_text("Hello there.")
+    b.create_response()
+    deadline = time.monotonic() + 60
+    while len(engine._commands) < 2:  # both prepared: the next step starts both, then plans both prefills
+        assert time.monotonic() < deadline, "the requests were not prepared"
+        time.sleep(0.005)
+    tokens, done_a = run_until_done(a)
+    # One step ran A's prompt, then B's (which raised); the next completed A with an empty chunk.
+    assert [slot for slot, _ in calls] == [a.slot, b.slot, a.slot] and calls[0][1] > 0 and calls[2][1] == 0
+    assert done_a.status == done.status and tokens == baseline
+    done_b = None
+    while (ev := b.events.get_nowait()) is not None:
+        done_b = ev if isinstance(ev, ResponseDone) else done_b
+    assert done_b is not None and done_b.status == "failed" and "injected" in done_b.reason

@@ -58,7 +58,7 @@ from lfm2audio.engine.events import (
     SessionEvent,
 )
 from lfm2audio.engine.history import Item, Turn, model_inputs
-from lfm2audio.engine.plan import PlanRow, StepPlan, plan_step
+from lfm2audio.engine.plan import PlanRow, PrefillChunk, StepPlan, plan_step
 from lfm2audio.engine.prompt import ContextLimitError, PromptBuilder, fit_turns
 from lfm2audio.engine.session import AddTurn, DeleteItem, HistoryEdit, Session, TruncateItem, UserPart
 from lfm2audio.engine.slot_state import PreparedRequest, ResponseState, SlotState, final_stats, on_audio, on_text
@@ -156,7 +156,7 @@ class Engine:
         with torch.inference_mode():
             while self._commands:
                 self._commands.popleft()()
-            return self._step()
+            return self._guarded_step()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -384,24 +384,28 @@ class Engine:
                         self._commands.popleft()()
                     except Exception:  # a bug of ours; the other sessions go on
                         log.exception("engine command failed")
-                worked = False
-                self._phase: tuple[str, StepPlan | None, Any] = ("plan", None, None)
-                try:
-                    worked = self._step()
-                except Exception as e:  # keep serving the others; fail only the row(s) that caused it
-                    log.exception("engine step failed")
-                    try:
-                        self._isolate_failure(f"internal error: {e}")
-                    except Exception:
-                        log.exception("could not isolate the failed step; failing every response in flight")
-                        self._phase = ("plan", None, None)
-                        self._isolate_failure(f"internal error: {e}")
+                worked = self._guarded_step()
                 if not worked:
                     self._wake.wait(0.05)
                     self._wake.clear()
             for st in self._slots:
                 if st is not None and st.response is not None:
                     self._finish(st, "cancelled", "engine_stopped")
+
+    def _guarded_step(self) -> bool:
+        """One step; if it raises, only the row(s) that caused it fail and the others go on."""
+        self._phase: tuple[str, StepPlan | None, Any] = ("plan", None, None)
+        try:
+            return self._step()
+        except Exception as e:
+            log.exception("engine step failed")
+            try:
+                self._isolate_failure(f"internal error: {e}")
+            except Exception:
+                log.exception("could not isolate the failed step; failing every response in flight")
+                self._phase = ("plan", None, None)
+                self._isolate_failure(f"internal error: {e}")
+            return True
 
     def _attach(self, session: Session) -> None:
         """A new session takes its slot (the slot's previous session, if any, was closed just before)."""
@@ -564,8 +568,8 @@ class Engine:
         if plan.empty:
             return False
         t0 = time.perf_counter()
-        prefill_hidden = None
-        if plan.prefill is not None:
+        prefill_hidden: dict[int, Tensor] = {}
+        if plan.prefills:
             self._phase = ("prefill", plan, None)
             prefill_hidden = self._prefill(plan)
         if not plan.feed and not plan.text and not plan.audio:
@@ -598,27 +602,40 @@ class Engine:
         order = [st.session.slot for st in self._prefill_queue]
         return plan_step(rows, order, self.config.prefill_chunk)
 
-    def _prefill(self, plan: StepPlan) -> Tensor | None:
-        """Run the plan's prefill chunk (eager); the last position's state when the prompt completes."""
-        chunk = plan.prefill
-        assert chunk is not None
+    def _prefill(self, plan: StepPlan) -> dict[int, Tensor]:
+        """Run the plan's prefill chunks (eager, one row each); the last position's state of each row
+        whose prompt completes. Completed rows leave the queue once every chunk ran: a chunk that
+        fails is blamed alone (``_isolate_failure``), and a row that completed before it in the same
+        step keeps its place and its state for the next step (an empty chunk completes it)."""
+        hidden = {}
+        for chunk in plan.prefills:
+            self._phase = ("prefill", plan, chunk)
+            h = self._prefill_chunk(chunk)
+            if h is not None:
+                hidden[chunk.slot] = h
+        for slot in hidden:
+            st = self._slots[slot]
+            if st in self._prefill_queue:
+                self._prefill_queue.remove(st)
+        return hidden
+
+    def _prefill_chunk(self, chunk: PrefillChunk) -> Tensor | None:
         st = self._slots[chunk.slot]
         assert st is not None and st.response is not None
         resp = st.response
-        # The prompt tensor holds what is still to prefill; offsets count from the turn's start.
-        done = resp.offset
-        row = self.cache.rows(chunk.slot, chunk.slot + 1)
-        h, _ = self.model.lfm(resp.prompt[None, chunk.start - done : chunk.end - done], row)
-        resp.prompt = resp.prompt[chunk.end - done :]
-        resp.offset = chunk.end
-        st.length += chunk.end - chunk.start
-        if chunk.snapshot:
-            prompt = resp.config.system_prompt
-            st.system_snapshot = (prompt, self.cache.snapshot_row(chunk.slot), len(st.history.turns[0].items))
-        if chunk.completes:
-            self._prefill_queue.popleft()
-            return h[0, -1]
-        return None
+        if chunk.start < chunk.end:
+            # The prompt tensor holds what is still to prefill; offsets count from the turn's start.
+            done = resp.offset
+            row = self.cache.rows(chunk.slot, chunk.slot + 1)
+            h, _ = self.model.lfm(resp.prompt[None, chunk.start - done : chunk.end - done], row)
+            resp.prompt = resp.prompt[chunk.end - done :]
+            resp.offset = chunk.end
+            st.length += chunk.end - chunk.start
+            resp.prompt_state = h[0, -1]
+            if chunk.snapshot:
+                prompt = resp.config.system_prompt
+                st.system_snapshot = (prompt, self.cache.snapshot_row(chunk.slot), len(st.history.turns[0].items))
+        return resp.prompt_state if chunk.completes else None
 
     def _emit(self, plan: StepPlan, result: StepResult) -> None:
         now = time.monotonic()
@@ -674,9 +691,7 @@ class Engine:
             edit()
 
     def _plan_responses(self, plan: StepPlan) -> list[tuple[int, ResponseState]]:
-        slots = set(plan.feed) | set(plan.text) | set(plan.audio)
-        if plan.prefill is not None:
-            slots.add(plan.prefill.slot)
+        slots = set(plan.feed) | set(plan.text) | set(plan.audio) | {c.slot for c in plan.prefills}
         out = []
         for s in sorted(slots):
             st = self._slots[s]
@@ -687,22 +702,22 @@ class Engine:
     def _isolate_failure(self, message: str) -> None:
         """A step raised: fail the row(s) that caused it; the others go on with the next step.
 
-        A prefill chunk runs one row, so a failure there is that row's. A failed batch is blamed on the
-        rows that were not in the last batch that ran (a new response, or the prompt that just
-        completed); the others get their cache rows back (conv tails and lengths saved before the
-        batch) and run again next step without them. When no row is new, no row can be told apart
-        and all of the batch fails.
+        A prefill chunk runs one row, so a failure there is that row's (the phase names the chunk).
+        A failed batch is blamed on the rows that were not in the last batch that ran (a new
+        response, or the prompts that just completed); the others get their cache rows back (conv
+        tails and lengths saved before the batch) and run again next step without them. When no row
+        is new, no row can be told apart and all of the batch fails.
         """
         phase, plan, saved = self._phase
         if plan is None:  # before any row ran: nothing to blame but what was in flight
             blamed = [st for st in self._slots if st is not None and st.response is not None]
-        elif phase == "prefill" and plan.prefill is not None:
-            blamed = [self._slots[plan.prefill.slot]]
+        elif phase == "prefill":
+            chunk = saved if isinstance(saved, PrefillChunk) else plan.prefill
+            blamed = [self._slots[chunk.slot]] if chunk is not None else []
         else:
             rows = self._plan_responses(plan)
             new = {s for s, r in rows if (s, r.id) not in self._last_ok}
-            if plan.prefill is not None and plan.prefill.completes:
-                new.add(plan.prefill.slot)
+            new.update(plan.completing)
             survivors = [s for s, _ in rows if s not in new] if new and phase == "run" else []
             blamed = [self._slots[s] for s, _ in rows if s not in survivors]
             if saved is not None:

@@ -34,9 +34,13 @@ class PrefillChunk:
     completes: bool  # the prompt is fully in the cache afterwards: the row samples this step
 
 
+# Prompts that may complete in one step beside the first chunk (each is one eager forward of its row).
+MAX_PREFILLS = 4
+
+
 @dataclass(frozen=True)
 class StepPlan:
-    prefill: PrefillChunk | None
+    prefills: tuple[PrefillChunk, ...]  # in queue order; only the first may leave its prompt unfinished
     feed: tuple[int, ...]  # slots whose last token enters the cache in the batched forward
     text: tuple[int, ...]  # slots that sample a text token this step
     audio: tuple[int, ...]  # slots that sample an audio frame this step
@@ -44,33 +48,57 @@ class StepPlan:
     kv_len: int  # key positions the batched forward attends over (max length after the step)
 
     @property
+    def prefill(self) -> PrefillChunk | None:
+        """The first (oldest) prefill chunk of the step."""
+        return self.prefills[0] if self.prefills else None
+
+    @property
+    def completing(self) -> tuple[int, ...]:
+        """Slots whose prompt is in the cache after this step's prefills (they sample this step)."""
+        return tuple(c.slot for c in self.prefills if c.completes)
+
+    @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.feed and not self.text and not self.audio
+        return not self.prefills and not self.feed and not self.text and not self.audio
 
 
 def plan_step(rows: list[PlanRow], prefill_order: list[int], prefill_chunk: int) -> StepPlan:
     """The plan of one engine step.
 
-    ``prefill_order`` lists slots waiting to prefill, first come first served:
-    only the first gets a chunk (``prefill_chunk`` positions at most, cut where
-    the system turn ends so the row can be snapshotted there). Every row that is ``feeding`` feeds its token in one
-    batched forward and then samples; the row whose prompt completes samples too.
+    ``prefill_order`` lists slots waiting to prefill, first come first served.
+    The first gets a chunk of ``prefill_chunk`` positions at most (cut where the
+    system turn ends, so the row can be snapshotted there); while positions of
+    that budget are left, the next ones in line whose whole remaining prompt
+    fits (and needs no snapshot cut) complete in the same step, up to
+    ``MAX_PREFILLS``: when many users finish speaking together, their turns do
+    not queue one step each. A prompt already fully prefilled (a step that
+    failed after its prefill) gets an empty chunk that completes it. Every row
+    that is ``feeding`` feeds its token in one batched forward and then
+    samples; the rows whose prompts complete sample too.
     """
     by_slot = {r.slot: r for r in rows}
-    prefill = None
-    if prefill_order:
-        r = by_slot[prefill_order[0]]
-        end = min(r.prefill_offset + prefill_chunk, r.prefill_total)
-        if r.snapshot_at is not None and r.prefill_offset < r.snapshot_at < end:
-            end = r.snapshot_at
-        prefill = PrefillChunk(r.slot, r.prefill_offset, end, end == r.snapshot_at, end == r.prefill_total)
+    prefills: list[PrefillChunk] = []
+    budget = prefill_chunk
+    for slot in prefill_order:
+        r = by_slot[slot]
+        if not prefills:
+            end = min(r.prefill_offset + prefill_chunk, r.prefill_total)
+            if r.snapshot_at is not None and r.prefill_offset < r.snapshot_at < end:
+                end = r.snapshot_at
+        else:
+            end = r.prefill_total
+            cut = r.snapshot_at is not None and r.prefill_offset < r.snapshot_at < end
+            if end - r.prefill_offset > budget or cut or len(prefills) > MAX_PREFILLS:
+                break
+        chunk = PrefillChunk(r.slot, r.prefill_offset, end, end == r.snapshot_at, end == r.prefill_total)
+        prefills.append(chunk)
+        budget -= end - r.prefill_offset
+        if not chunk.completes or budget <= 0:
+            break
     feed = tuple(sorted(r.slot for r in rows if r.feeding and r.prefill_offset == r.prefill_total))
-    sampling = list(feed)
-    if prefill is not None and prefill.completes:
-        sampling.append(prefill.slot)
-    sampling.sort()
+    sampling = sorted(set(feed) | {c.slot for c in prefills if c.completes})
     text = tuple(s for s in sampling if by_slot[s].modality == LFMModality.TEXT)
     audio = tuple(s for s in sampling if by_slot[s].modality != LFMModality.TEXT)
     n_rows = max(sampling) + 1 if sampling else 0
     kv_len = max((by_slot[s].length + 1 for s in feed), default=1)
-    return StepPlan(prefill, feed, text, audio, n_rows, kv_len)
+    return StepPlan(tuple(prefills), feed, text, audio, n_rows, kv_len)

@@ -54,6 +54,7 @@ class ResponseState:
     created: float
     prompt: Tensor  # (N, hidden) embeddings still to prefill
     offset: int = 0
+    prompt_state: Tensor | None = None  # backbone state at the last prefilled position (sampled from)
     snapshot_at: int | None = None  # prompt offset where the system turn ends (asr/tts reuse it)
     feeding: bool = False  # the last sampled token waits in the step's buffers to enter the cache
     steps: int = 0

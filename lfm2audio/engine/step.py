@@ -138,22 +138,28 @@ class BatchStep:
 
     # The step -----------------------------------------------------------------------
 
-    def run(self, plan: StepPlan, prefill_hidden: Tensor | None) -> StepResult:
-        """Execute ``plan`` (its prefill chunk already ran; ``prefill_hidden`` is that row's last state)."""
+    def run(self, plan: StepPlan, prefill_hidden: dict[int, Tensor]) -> StepResult:
+        """Execute ``plan`` (its prefill chunks already ran; ``prefill_hidden`` maps each slot whose
+        prompt completed to the backbone state of its last position, which that row samples from)."""
         rows = plan.rows
         if self.bucketed:
             rows = next(b for b in self.buckets if b >= rows)
         # Graphs read the plan from a pinned host buffer; eager steps build it where they run.
         meta = self._meta(plan, rows, "cpu" if self.cuda_graphs else self.device)
         hidden = self.model.config.lfm.hidden_size
-        if prefill_hidden is None:
-            prefill_hidden = torch.zeros(hidden, device=self.device, dtype=self.model.dtype)
+        if prefill_hidden:  # (rows, hidden): each completing row's state at its slot
+            slots = torch.tensor(list(prefill_hidden), device=self.device)
+            states = torch.stack(list(prefill_hidden.values())).to(self.model.dtype)
+            prefill_h = torch.zeros(rows, hidden, device=self.device, dtype=self.model.dtype)
+            prefill_h.index_copy_(0, slots, states)
+        else:  # (hidden,) broadcast: no row takes it
+            prefill_h = torch.zeros(hidden, device=self.device, dtype=self.model.dtype)
         if self.cuda_graphs:
-            out = self.graph(rows).replay(meta, prefill_hidden)
+            out = self.graph(rows).replay(meta, prefill_h)
         else:
             n_text, n_audio, audio_rows = self._sizes(plan, rows)
             kv_len = plan.kv_len
-            out = self._compute(rows, n_text, n_audio, audio_rows, kv_len, meta, prefill_hidden).cpu()
+            out = self._compute(rows, n_text, n_audio, audio_rows, kv_len, meta, prefill_h).cpu()
         return self._unpack(plan, rows, out.numpy())
 
     def graph(self, rows: int) -> _CapturedStep:
@@ -189,8 +195,8 @@ class BatchStep:
         for s in plan.feed:
             valid[s] = 1
         prefill = [0] * rows
-        if plan.prefill is not None and plan.prefill.completes:
-            prefill[plan.prefill.slot] = 1
+        for s in plan.completing:
+            prefill[s] = 1
         if self.bucketed:
             text_on, audio_on = [0] * rows, [0] * rows
             for s in plan.text:
@@ -273,7 +279,7 @@ class _CapturedStep:
         # An all-zero plan (nothing fed, nothing on) leaves every buffer and state as it was.
         self.meta[2 * rows : 4 * rows] = torch.arange(rows, device=dev).repeat(2)
         hidden = step.model.config.lfm.hidden_size
-        self.prefill_h = torch.zeros(hidden, device=dev, dtype=step.model.dtype)
+        self.prefill_h = torch.zeros(rows, hidden, device=dev, dtype=step.model.dtype)
         kv_len = step.cache.max_len + 1
 
         def body() -> Tensor:
