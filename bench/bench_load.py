@@ -331,10 +331,18 @@ class LevelResult:
     wall_s: float
     passed: bool
     meets_goal: bool
+    # Every turn's (seconds from the level's start to the end of its speech, TTFA): where the tail sits.
+    turns: list[tuple[float, float]] = field(default_factory=list)
 
 
 def summarize(
-    users: int, audio: str, results: list[UserResult], stats: ProcStats, client: ProcStats, wall_s: float
+    users: int,
+    audio: str,
+    results: list[UserResult],
+    stats: ProcStats,
+    client: ProcStats,
+    wall_s: float,
+    t0: float = 0.0,
 ) -> LevelResult:
     turns = [t for r in results for t in r.turns]
     done = [t for t in turns if t.done and t.status in ("completed", "incomplete")]
@@ -369,6 +377,7 @@ def summarize(
         client_cpu_pct=client.cpu_percent() or 0.0,
         loadavg_1m=os.getloadavg()[0],
         wall_s=wall_s,
+        turns=[(round(t.speech_end - t0, 3), round(t.first_audio - t.speech_end, 3)) for t in done if t.first_audio],
         passed=passed,
         meets_goal=goal,
     )
@@ -413,7 +422,7 @@ async def run_level(
     while not all(t.done() for t in tasks):
         stats.sample()
         await asyncio.wait(tasks, timeout=1.0)
-    return summarize(users, audio, [t.result() for t in tasks], stats, client, time.monotonic() - t0)
+    return summarize(users, audio, [t.result() for t in tasks], stats, client, time.monotonic() - t0, t0)
 
 
 # The server -----------------------------------------------------------------------------------

@@ -125,12 +125,17 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is None:
             self._stop.clear()
-            self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lfm2audio-prepare")
+            self._prepare = self._prepare_pool()
             ready = threading.Event()
             self._thread = threading.Thread(target=self._run, args=(ready,), name="lfm2audio-engine", daemon=True)
             self._thread.start()
             ready.wait()
         return self
+
+    def _prepare_pool(self) -> ThreadPoolExecutor:
+        threads = self.config.prepare_threads
+        init = (lambda: use_threads_here(threads)) if threads is not None else None
+        return ThreadPoolExecutor(1, thread_name_prefix="lfm2audio-prepare", initializer=init)
 
     def stop(self, timeout: float | None = 10.0) -> None:
         self._stop.set()
@@ -152,7 +157,7 @@ class Engine:
             raise RuntimeError("the engine thread is running; step() is for an engine that was not started")
         if not self._manual:
             self._manual = True
-            self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lfm2audio-prepare")
+            self._prepare = self._prepare_pool()
         with torch.inference_mode():
             while self._commands:
                 self._commands.popleft()()
