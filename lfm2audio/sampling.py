@@ -23,7 +23,6 @@ greedily; temperatures above ``MAX_TEMPERATURE`` act as ``MAX_TEMPERATURE``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,21 +116,26 @@ def seed_key(seed: int) -> int:
     return int(seed) % (1 << 63)
 
 
-def counter_uniform(seeds: Tensor, counters: Tensor, lane: int | Sequence[int]) -> Tensor:
+def _lane_key(lane: int | Tensor) -> int | Tensor:
+    return (lane * 0x27D4EB2F + 0x165667B1) & _M32
+
+
+def counter_uniform(seeds: Tensor, counters: Tensor, lane: int | range) -> Tensor:
     """Uniform float32 numbers in (0, 1), one per row and lane, fixed by (seed, counter, lane) alone.
 
     ``seeds`` and ``counters`` are int64 tensors of the same shape (non-negative).
-    One ``lane`` gives that shape; a sequence of lanes adds a last dimension, one
+    One ``lane`` gives that shape; a range of lanes adds a last dimension, one
     column per lane, with the same values (the lane enters only the last round, so
-    a frame's 8 codebooks cost one hash of the seed and counter, not 8).
+    a frame's 8 codebooks cost one hash of the seed and counter, not 8). The lanes'
+    keys are computed on the device (no host-to-device copy: CUDA graphs capture this).
     """
     h = _mix32((seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ 0x5BD1E995))
     h = _mix32(h ^ (counters & _M32)) ^ ((counters >> 32) & _M32)
     if isinstance(lane, int):
-        h = _mix32(h ^ ((lane * 0x27D4EB2F + 0x165667B1) & _M32))
+        h = _mix32(h ^ _lane_key(lane))
     else:
-        lanes = torch.tensor([(k * 0x27D4EB2F + 0x165667B1) & _M32 for k in lane], device=h.device)
-        h = _mix32(h.unsqueeze(-1) ^ lanes)
+        lanes = torch.arange(lane.start, lane.stop, lane.step, device=h.device)
+        h = _mix32(h.unsqueeze(-1) ^ _lane_key(lanes))
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -194,7 +198,7 @@ class RowSampling:
             u = counter_uniform(self.seeds, self.counters, lane)
         return sample_inverse_cdf(logits, self.temperature, self.top_k, self.greedy, u, self.k_cap)
 
-    def uniforms(self, lanes: Sequence[int]) -> Tensor:
+    def uniforms(self, lanes: range) -> Tensor:
         """The rows' uniform numbers (B, len(lanes)) for several lanes at once."""
         return counter_uniform(self.seeds, self.counters, lanes)
 
