@@ -33,6 +33,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from types import SimpleNamespace
 from typing import Any
@@ -179,9 +180,7 @@ def serve_engine(engine: Engine, listener: Listener, info: EngineInfo) -> None:
     while True:
         try:
             conn = listener.accept()
-        except (OSError, EOFError) as e:  # a failed handshake (wrong key) or the listener closed
-            if getattr(listener, "_listener", None) is None:
-                return
+        except (OSError, EOFError, AuthenticationError) as e:  # a client that failed the handshake
             log.warning("engine process: refused a connection: %s", e)
             continue
         _WorkerLink(engine, conn, info).start()

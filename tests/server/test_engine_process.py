@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client as SocketClient
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,23 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _engine_socket(engine_pid: int) -> str:
+    """The Unix socket the engine process listens on (its fds, matched in /proc/net/unix)."""
+    inodes = set()
+    for fd in Path(f"/proc/{engine_pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes and fields[7].endswith("engine.sock"):
+            return fields[7]
+    raise AssertionError("the engine process listens on no engine.sock")
+
+
 async def _text_turn(url: str, text: str = "Hello there") -> dict:
     async with await Client.connect(url) as c:
         await c.wait_for("session.created")
@@ -75,6 +94,9 @@ def test_turns_through_two_workers_and_a_dead_worker_is_replaced(server: ServerP
     for _ in range(3):
         done = run(_text_turn(server.url))
         assert done["response"]["status"] in ("completed", "incomplete")
+    # A client without the server's key is refused, and the engine goes on accepting its workers.
+    with pytest.raises(AuthenticationError):
+        SocketClient(_engine_socket(body["engine_pid"]), family="AF_UNIX", authkey=b"not the key")
     workers = _children(server.pid) - {body["engine_pid"]}
     assert len(workers) == 2
     victim = min(workers)
