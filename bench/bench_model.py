@@ -62,6 +62,9 @@ from lfm2audio.engine.events import OUTPUT_SAMPLE_RATE as MIMI_RATE  # noqa: E40
 from lfm2audio.engine.events import SAMPLES_PER_FRAME  # noqa: E402
 from lfm2audio.model.quantize import QUANTIZE_CHOICES  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_mimi import random_codec  # noqa: E402  (the full-size random Mimi, as bench_mimi.py times it)
+
 GOLDEN = Path(os.environ.get("LFM2AUDIO_GOLDEN", ROOT.parent / "shared" / "golden"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INPUT_NAMES = ("text", "audio_in", "audio_in_lens", "audio_out", "modality_flag")
@@ -276,19 +279,6 @@ def steady_state(model: LFM2AudioModel, chat: ChatState, steps: int, warmup: int
         return {"median": statistics.median(ms), "min": min(ms), "mean": statistics.fmean(ms), "max": max(ms)}
 
     return {"text_token_ms": stats(text_times), "audio_frame_ms": stats(audio_times), "steps": steps}
-
-
-def random_mimi(seed: int = 0) -> Any:
-    """The full-size Mimi with random weights (as bench_mimi.py builds it), the chat's streaming decoder."""
-    from lfm2audio.codec import MimiCodec, MimiConfig
-
-    torch.manual_seed(seed)
-    codec = MimiCodec(MimiConfig()).eval()
-    with torch.no_grad():
-        for name, buf in codec.named_buffers():
-            if name.endswith("embedding_sum"):
-                buf.normal_()  # non-trivial codebooks (the default statistics give all-zero centroids)
-    return codec
 
 
 @torch.inference_mode()
@@ -532,7 +522,7 @@ def run_worker(folder: Path, dtype_name: str, args: argparse.Namespace) -> dict[
         res["turn2"] = turn2_section(model, processor, wave, res["prompt_positions"], args)
 
     chat = turn1_state(processor, wave, keep_cache=False)
-    res["chat_rtf"] = chat_rtf(model, chat, random_mimi(), args.cycles)
+    res["chat_rtf"] = chat_rtf(model, chat, random_codec(), args.cycles)
     if args.quality_ref is not None:
         res["quality"] = quality(model, chat, args)
     res["peak_rss_end_gb"] = peak_rss_gb()

@@ -84,23 +84,44 @@ def bind(config: ServerConfig) -> socket.socket:
     return sock
 
 
+class EngineProcess:
+    """The engine process (``engine_main``), the private socket it will listen on and its key."""
+
+    def __init__(self, config: ServerConfig, *, daemon: bool = False) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="lfm2audio-")  # mode 0700: only this user reaches the socket
+        self.address = os.path.join(self.run_dir, "engine.sock")
+        self.authkey = secrets.token_bytes(32)
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=engine_main, args=(config, self.address, self.authkey), name="lfm2audio-engine", daemon=daemon
+        )
+        self.process.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the process (killed if it does not end within ``timeout``) and remove its socket."""
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
 def run(config: ServerConfig) -> int:
     """Serve with ``config.workers`` API workers and an engine process; returns the exit status."""
     ctx = multiprocessing.get_context("spawn")
-    run_dir = tempfile.mkdtemp(prefix="lfm2audio-")
-    address = os.path.join(run_dir, "engine.sock")
-    authkey = secrets.token_bytes(32)
     sock = bind(config)
     signals: list[int] = []
     previous = {s: signal.signal(s, lambda n, _f: signals.append(n)) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    engine_process = EngineProcess(config)
+    engine = engine_process.process
+
     def start_worker(i: int) -> Any:
-        w = ctx.Process(target=worker_main, args=(config, address, authkey, sock), name=f"lfm2audio-worker-{i}")
+        args = (config, engine_process.address, engine_process.authkey, sock)
+        w = ctx.Process(target=worker_main, args=args, name=f"lfm2audio-worker-{i}")
         w.start()
         return w
 
-    engine = ctx.Process(target=engine_main, args=(config, address, authkey), name="lfm2audio-engine")
-    engine.start()
     workers = [start_worker(i) for i in range(config.workers)]
     log.info(
         "supervisor started",
@@ -121,13 +142,8 @@ def run(config: ServerConfig) -> int:
             time.sleep(POLL_S)
         _stop_workers(workers, config, signals)
     finally:
-        if engine.is_alive():
-            engine.terminate()
-            engine.join(10)
-        if engine.is_alive():
-            engine.kill()
+        engine_process.stop()
         sock.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
     log.info("supervisor stopped", extra={"status": status})

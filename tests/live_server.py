@@ -106,41 +106,30 @@ class EngineProcess:
     a local processor (tests decode token ids with it) and ``stop()``, which ends the process."""
 
     def __init__(self, checkpoint: Path, *, max_sessions: int, warmup: bool) -> None:
-        import multiprocessing
-        import secrets
-        import tempfile
-
         from devices import DEVICE, DTYPE
 
         from lfm2audio import LFM2AudioProcessor
         from lfm2audio_server.config import ServerConfig
         from lfm2audio_server.engine_process import RemoteEngine
-        from lfm2audio_server.supervisor import engine_main
+        from lfm2audio_server.supervisor import EngineProcess as ServerEngineProcess
 
         dtype = None if DTYPE is None else str(DTYPE).removeprefix("torch.")
         config = ServerConfig(
             model=str(checkpoint), device=str(DEVICE), dtype=dtype, max_sessions=max_sessions, max_context=2048,
             warmup=warmup, log_level="warning",
         )  # fmt: skip
-        self._dir = tempfile.mkdtemp(prefix="lfm2audio-test-engine-")
-        address, authkey = os.path.join(self._dir, "engine.sock"), secrets.token_bytes(16)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=engine_main, args=(config, address, authkey), daemon=True
+        self.engine_process = ServerEngineProcess(config, daemon=True)
+        self.remote = RemoteEngine.connect(
+            self.engine_process.address, self.engine_process.authkey, timeout=TIMEOUT * 3
         )
-        self.process.start()
-        self.remote = RemoteEngine.connect(address, authkey, timeout=TIMEOUT * 3)
         self.processor = LFM2AudioProcessor.from_pretrained(checkpoint, device="cpu")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.remote, name)
 
     def stop(self) -> None:
-        import shutil
-
         self.remote.stop()
-        self.process.terminate()
-        self.process.join(TIMEOUT)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self.engine_process.stop(TIMEOUT)
 
 
 def start_engine(checkpoint: Path, *, max_sessions: int, warmup: bool = True) -> Any:
