@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from lfm2audio.engine import (  # noqa: E402
     SessionConfig,
     TextDelta,
 )
-from lfm2audio.engine.cpu_tuning import load_without_team, use_threads_here  # noqa: E402
+from lfm2audio.engine.cpu_tuning import call_in_thread, load_without_team  # noqa: E402
 from lfm2audio.tokens import FRAME_RATE  # noqa: E402
 
 GOLDEN = Path(os.environ.get("LFM2AUDIO_GOLDEN", ROOT.parent / "shared" / "golden"))
@@ -195,24 +194,6 @@ def threaded(model, proc, n: int, decoder: str, seconds: float, threads: int | N
         engine.stop()
 
 
-def in_engine_thread(fn, threads: int | None, *args):
-    """``fn(*args)`` on a thread of its own with ``threads`` intra-op threads, as the engine thread runs."""
-    result: list = []
-
-    def body() -> None:
-        if threads is not None:
-            use_threads_here(threads)
-        with torch.inference_mode():
-            result.append(fn(*args))
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if not result:
-        raise RuntimeError("the stepped measurement failed (see the traceback above)")
-    return result[0]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(GOLDEN / "checkpoint"))
@@ -233,7 +214,8 @@ def main() -> None:
     model = load_without_team(LFM2AudioModel.from_pretrained, args.checkpoint, device="cpu")
     proc = load_without_team(LFM2AudioProcessor.from_pretrained, args.checkpoint, device="cpu")
     levels = [int(x) for x in args.sessions.split(",")]
-    steps = in_engine_thread(stepped, args.engine_threads, model, proc, levels, args.audio_decoder, args.cycles)
+    # On a thread of its own with the engine thread's intra-op threads, as the engine thread runs.
+    steps = call_in_thread(args.engine_threads, stepped, model, proc, levels, args.audio_decoder, args.cycles)
     rows = []
     for n in levels:
         row = {"sessions": n, **steps[n]}

@@ -77,9 +77,6 @@ class _Forward:
     def put(self, event: Any) -> None:
         self.link.post((self.key, event))
 
-    def qsize(self) -> int:
-        return 0
-
 
 class _WorkerLink:
     """One API worker's connection, in the engine process: its mirror sessions and their events."""

@@ -96,22 +96,29 @@ def use_threads_here(threads: int) -> None:
         helper.join()
 
 
-def load_without_team(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` (a model load) on a short-lived thread of its own that runs torch on one
-    intra-op thread, so that it leaves no OpenMP team behind to slow the engine thread (see above)."""
+def call_in_thread(threads: int | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on a short-lived thread of its own whose torch ops use ``threads`` intra-op
+    threads (None: what torch gives new threads); returns its result, or raises its exception here."""
     result: list[T] = []
     error: list[BaseException] = []
 
     def body() -> None:
         try:
-            use_threads_here(1)
+            if threads is not None:
+                use_threads_here(threads)
             result.append(fn(*args, **kwargs))
         except BaseException as e:  # re-raised in the caller's thread
             error.append(e)
 
-    t = threading.Thread(target=body, name="lfm2audio-load")
+    t = threading.Thread(target=body, name="lfm2audio-call")
     t.start()
     t.join()
     if error:
         raise error[0]
     return result[0]
+
+
+def load_without_team(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` (a model load) on a thread that runs torch on one intra-op thread, so that
+    it leaves no OpenMP team behind to slow the engine thread (see above)."""
+    return call_in_thread(1, fn, *args, **kwargs)
