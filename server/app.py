@@ -87,6 +87,16 @@ class ServerState:
         """Ready, and the engine is there (an engine in another process may have ended)."""
         return self.ready and self.engine is not None and getattr(self.engine, "alive", True)
 
+    def unavailable(self) -> tuple[str, str] | None:
+        """Why new sessions and requests are refused now, as (error code, message); None when they are not."""
+        if self.draining:
+            return "server_shutting_down", "the server is shutting down"
+        if self.ready and not self.serving:
+            return "engine_unavailable", "the engine process ended; retry shortly"
+        if not self.serving:
+            return "model_not_ready", "the model is still loading; retry shortly"
+        return None
+
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
         self.metrics.ready.set(1 if ready else 0)
@@ -324,17 +334,11 @@ async def handle_realtime(ws: WebSocket, state: ServerState) -> None:
     if not state.auth.check(find_key(ws.headers, ws.query_params, offered)):
         await _refuse(ws, subprotocol, state, CLOSE_POLICY, _invalid_key())
         return
-    if state.draining:
-        err = ProtocolError("server_shutting_down", "the server is shutting down", type="server_error")
-        await _unavailable(ws, subprotocol, state, CLOSE_GOING_AWAY, err)
-        return
-    if state.ready and not state.serving:
-        err = ProtocolError("engine_unavailable", "the engine process ended; retry shortly", type="server_error")
-        await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, err)
-        return
-    if not state.ready or state.engine is None:
-        err = ProtocolError("model_not_ready", "the model is still loading; retry shortly", type="server_error")
-        await _unavailable(ws, subprotocol, state, CLOSE_TRY_AGAIN, err)
+    refusal = state.unavailable()
+    if refusal is not None:
+        code, message = refusal
+        close = CLOSE_GOING_AWAY if code == "server_shutting_down" else CLOSE_TRY_AGAIN
+        await _unavailable(ws, subprotocol, state, close, ProtocolError(code, message, type="server_error"))
         return
     full = ProtocolError(
         "session_limit_reached",

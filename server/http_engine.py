@@ -139,10 +139,9 @@ class EngineRequest:
 
     async def __aenter__(self) -> EngineRequest:
         state = self.state
-        if state.draining:
-            raise APIError(503, "server_shutting_down", "the server is shutting down", retry_after=1)
-        if not state.serving:
-            raise APIError(503, "model_not_ready", "the model is still loading; retry shortly", retry_after=1)
+        refusal = state.unavailable()
+        if refusal is not None:
+            raise APIError(503, *refusal, retry_after=1)
         self.session = await http_slots(state).open(state.engine, self.config)
         # This request's log lines carry its engine session id (each request runs in its own task and context).
         session_id_var.set(self.session.id)

@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client as SocketClient
 from pathlib import Path
@@ -142,5 +144,15 @@ def test_killing_the_engine_mid_turn_fails_sessions_turns_ready_503_and_exits_no
     run(scenario())
     status, body = _ready(server)
     assert status == 503 and body["ready"] is False and "engine" in body["error"]
+    # The HTTP API says the same (not "still loading").
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/v1/audio/speech",
+        data=json.dumps({"model": "lfm2-audio", "input": "Hello", "voice": "alloy"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=TIMEOUT)
+    assert refused.value.code == 503
+    assert json.loads(refused.value.read())["error"]["code"] == "engine_unavailable"
     assert server.proc is not None
     assert server.proc.wait(30) == 1  # for the orchestrator to restart the server
