@@ -87,8 +87,8 @@ class ISTFT(nn.Module):
             raise ValueError(f"a streaming step needs at least {self.tail_len // self.hop} frames, got {U}")
         y = overlap_add(self._frames(spec), self.hop)  # (B, n_out + tail)
         e = self._envelope(1, U).expand(B, -1).clone()
-        y[:, : self.tail_len] += ola
-        e[:, : self.tail_len] += env
+        y[:, : self.tail_len].add_(ola)  # add_ on the view: ``+=`` would copy it onto itself too
+        e[:, : self.tail_len].add_(env)
         ola.copy_(y[:, n_out:])
         env.copy_(e[:, n_out:])
         y, e = y[:, :n_out], e[:, :n_out]

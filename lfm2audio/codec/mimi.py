@@ -137,14 +137,21 @@ class MimiCodec(nn.Module):
         """The next ``n`` frames of codes (B, K, n) of every row -> pcm (B, n * frame_size).
 
         ``state`` is updated in place and returned."""
+        emb = self.decode_latent_chunk(codes, state)
+        pcm = self.decoder.step(emb, iter(state.decoder))  # (B, n * frame_size, 1)
+        return pcm.reshape(pcm.shape[0], -1), state
+
+    @torch.no_grad()
+    def decode_latent_chunk(self, codes: Tensor, state: MimiDecoderState) -> Tensor:
+        """The 25 Hz half of ``decode_chunk``: codes (B, K, n) -> the SEANet decoder's input
+        (B, n * stride, dimension). Updates the upsampler and transformer parts of ``state``;
+        ``decoder.step(latent, iter(state.decoder))`` finishes the frames (see ``decode_chunk``)."""
         codes = _check_codes(codes, 3)
         if codes.shape[0] != state.batch_size:
             raise ValueError(f"codes batch {codes.shape[0]} != state batch {state.batch_size}")
         emb = self.quantizer.decode(codes)  # (B, n, C)
         emb = self.upsample.convtr.step(emb, iter([state.upsample]))
-        emb = self.decoder_transformer.step(emb, state.transformer)
-        pcm = self.decoder.step(emb, iter(state.decoder))  # (B, n * frame_size, 1)
-        return pcm.reshape(pcm.shape[0], -1), state
+        return self.decoder_transformer.step(emb, state.transformer)
 
     def decode_step(self, codes: Tensor, state: MimiDecoderState) -> tuple[Tensor, MimiDecoderState]:
         """One frame of codes (B, K) of every row -> pcm (B, frame_size); ``state`` is updated in place."""

@@ -254,8 +254,9 @@ class CausalConvTranspose1d(nn.Module):
             if b is not None:
                 z += b
             tail = x[:, :, None] * taps[S:]
-        z[:, 1:] += tail[:, :-1]
-        z[:, 0] += partial
+        # add_ on the views (``z[i] += t`` would also copy the view onto itself: a full extra pass)
+        z[:, 1:].add_(tail[:, :-1])
+        z[:, 0].add_(partial)
         partial.copy_(tail[:, -1])
         return z.view(B, T * S, c_out)
 

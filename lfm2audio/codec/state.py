@@ -21,6 +21,7 @@ for the official Mimi decoder): prefer one long-lived batch and ``reset_rows``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,75 +35,114 @@ def _zero_rows(tensors: list[Tensor], idx: Tensor) -> None:
         t.index_fill_(0, idx, 0.0)
 
 
+def _row_views(packed: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    """Views of ``packed`` (B, N): one per row shape, side by side along N."""
+    out, at = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(packed[:, at : at + n].view(packed.shape[0], *shape))
+        at += n
+    return out
+
+
 @dataclass
 class MimiDecoderState:
     """Decoder streaming state: upsampler partial outputs, decoder transformer KV window and
-    the SEANet decoder's conv tails / transposed-conv partial outputs (traversal order)."""
+    the SEANet decoder's conv tails / transposed-conv partial outputs (traversal order).
+
+    ``upsample`` and ``decoder`` are views of one buffer, ``packed`` (B, N): the upsampler's
+    part first, then the SEANet decoder's (``seanet``). Saving, restoring, gathering or
+    resetting rows is then one op, not one per tensor (there are a dozen or more). Built
+    from separate tensors (``packed`` omitted), the state copies them into a new buffer.
+    """
 
     upsample: Tensor
     transformer: KVWindow
     decoder: list[Tensor]
+    packed: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.packed is None:
+            parts = [self.upsample, *self.decoder]
+            B = self.upsample.shape[0]
+            self.packed = torch.cat([t.reshape(B, -1) for t in parts], dim=1)
+            self.upsample, *self.decoder = _row_views(self.packed, self._shapes())
+
+    def _shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(t.shape[1:]) for t in (self.upsample, *self.decoder)]
+
+    def _with_packed(self, packed: Tensor, transformer: KVWindow) -> MimiDecoderState:
+        upsample, *decoder = _row_views(packed, self._shapes())
+        return MimiDecoderState(upsample, transformer, decoder, packed)
 
     @property
     def batch_size(self) -> int:
         return self.upsample.shape[0]
 
-    def _tensors(self) -> list[Tensor]:
-        return [self.upsample, *self.decoder]
+    @property
+    def seanet(self) -> Tensor:
+        """The SEANet decoder's part of ``packed``, (B, N_seanet): a view."""
+        assert self.packed is not None
+        return self.packed[:, self.upsample[0].numel() :]
+
+    def seanet_views(self, seanet: Tensor) -> list[Tensor]:
+        """``decoder``-shaped views of rows laid out as ``seanet`` (e.g. gathered from it)."""
+        return _row_views(seanet, self._shapes()[1:])
 
     def reset_rows(self, rows: RowSelector) -> MimiDecoderState:
         """Restart the given rows from silence; other rows are untouched. Returns ``self``."""
+        assert self.packed is not None
         idx = rows_to_index(rows, self.batch_size, self.upsample.device)
-        _zero_rows(self._tensors(), idx)
+        self.packed.index_fill_(0, idx, 0.0)
         self.transformer.reset_rows(idx)
         return self
 
     def rows(self, start: int, stop: int) -> MimiDecoderState:
         """A view of rows [start, stop): stepping it updates this state in place."""
+        assert self.packed is not None
         tr = self.transformer
         window = KVWindow(
             tr.keys[:, start:stop], tr.values[:, start:stop], tr.positions[start:stop], tr.offsets[start:stop]
         )
-        return MimiDecoderState(self.upsample[start:stop], window, [t[start:stop] for t in self.decoder])
+        return MimiDecoderState(
+            self.upsample[start:stop], window, [t[start:stop] for t in self.decoder], self.packed[start:stop]
+        )
 
-    def step_tensors(self) -> list[Tensor]:
-        """The tensors (batch first) to restore to undo a step of some rows.
+    def step_tensors(self, seanet: bool = True) -> list[Tensor]:
+        """The tensors (batch first) to restore to undo a step of some rows (without
+        ``seanet``: of the upsampler and transformer only, ``MimiCodec.decode_latent_chunk``).
 
         The KV window's keys, values and slot positions need no restoring: a row
         that did not really step only overwrote the slot of its next position,
         which its next real step writes again before attending to it (the
         position that slot held had already left the attention window).
         """
-        return [*self._tensors(), self.transformer.offsets]
+        assert self.packed is not None
+        return [self.packed if seanet else self.upsample, self.transformer.offsets]
 
     def select(self, rows: RowSelector) -> MimiDecoderState:
         """A new state holding only ``rows`` (in that order)."""
+        assert self.packed is not None
         idx = rows_to_index(rows, self.batch_size, self.upsample.device)
-        return MimiDecoderState(
-            self.upsample.index_select(0, idx),
-            self.transformer.select(idx),
-            [t.index_select(0, idx) for t in self.decoder],
-        )
+        return self._with_packed(self.packed.index_select(0, idx), self.transformer.select(idx))
 
     def assign_rows(self, rows: RowSelector, other: MimiDecoderState) -> MimiDecoderState:
         """Overwrite ``rows`` with the rows of ``other`` (in order), in place. Returns ``self``."""
+        assert self.packed is not None and other.packed is not None
         idx = rows_to_index(rows, self.batch_size, self.upsample.device)
-        for dst, src in zip(self._tensors(), other._tensors(), strict=True):
-            dst.index_copy_(0, idx, src)
+        self.packed.index_copy_(0, idx, other.packed)
         self.transformer.assign_rows(idx, other.transformer)
         return self
 
     def clone(self) -> MimiDecoderState:
-        return MimiDecoderState(self.upsample.clone(), self.transformer.clone(), [t.clone() for t in self.decoder])
+        assert self.packed is not None
+        return self._with_packed(self.packed.clone(), self.transformer.clone())
 
     @staticmethod
     def cat(states: list[MimiDecoderState]) -> MimiDecoderState:
         """Concatenate the rows of several states (same codec, device and dtype)."""
-        return MimiDecoderState(
-            torch.cat([s.upsample for s in states]),
-            KVWindow.cat([s.transformer for s in states]),
-            [torch.cat(ts) for ts in zip(*(s.decoder for s in states), strict=True)],
-        )
+        packed = torch.cat([s.packed for s in states if s.packed is not None])
+        return states[0]._with_packed(packed, KVWindow.cat([s.transformer for s in states]))
 
 
 @dataclass
