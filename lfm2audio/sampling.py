@@ -145,7 +145,7 @@ def k_bucket(k: int, vocab: int) -> int:
 
 
 def sample_inverse_cdf(
-    logits: Tensor, temperature: Tensor, top_k: Tensor, greedy: Tensor, u: Tensor, k_cap: int
+    logits: Tensor, temperature: Tensor, top_k: Tensor, greedy: Tensor, u: Tensor, k_cap: int, any_greedy: bool = True
 ) -> Tensor:
     """One token per row of ``logits`` (B, V) with per-row parameters and given uniforms ``u`` (B,).
 
@@ -162,9 +162,14 @@ def sample_inverse_cdf(
     NaN sorts above every number there and is then cleaned to -inf: a row's NaN
     logit takes one of its candidate places and is never drawn while a finite
     candidate is left.
+
+    The caller's host-side knowledge skips a pass: ``k_cap`` 1 means every row
+    is greedy (no candidates are sorted), ``any_greedy`` False that none is (no
+    argmax).
     """
-    best = logits.argmax(dim=-1)
-    k_cap = max(1, min(k_cap, logits.shape[-1]))
+    if k_cap <= 1:
+        return logits.argmax(dim=-1)
+    k_cap = min(k_cap, logits.shape[-1])
     values, index = logits.topk(k_cap, dim=-1)
     values = _clean(values.float() / temperature.view(-1, 1))
     rank = torch.arange(k_cap, device=logits.device).view(1, -1)
@@ -173,7 +178,9 @@ def sample_inverse_cdf(
     # Rows with nothing finite give NaN: the comparison is then false and j = 0, their best candidate.
     j = (cdf < (u.view(-1, 1) * cdf[:, -1:])).sum(dim=-1).clamp(max=k_cap - 1)
     drawn = index.gather(1, j.view(-1, 1)).view(-1)
-    return torch.where(greedy, best, drawn)
+    if not any_greedy:
+        return drawn
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 
 @dataclass
@@ -191,12 +198,15 @@ class RowSampling:
     seeds: Tensor  # (B,) int64
     counters: Tensor  # (B,) int64
     k_cap: int
+    any_greedy: bool = True  # False when the host knows no row is greedy (skips an argmax)
 
     def sample(self, logits: Tensor, lane: int, u: Tensor | None = None) -> Tensor:
         """One token per row; ``u`` (B,), when given, is ``self.uniforms([lane])[:, 0]`` computed earlier."""
+        if self.k_cap <= 1:  # every row greedy: no noise needed
+            return logits.argmax(dim=-1)
         if u is None:
             u = counter_uniform(self.seeds, self.counters, lane)
-        return sample_inverse_cdf(logits, self.temperature, self.top_k, self.greedy, u, self.k_cap)
+        return sample_inverse_cdf(logits, self.temperature, self.top_k, self.greedy, u, self.k_cap, self.any_greedy)
 
     def uniforms(self, lanes: range) -> Tensor:
         """The rows' uniform numbers (B, len(lanes)) for several lanes at once."""
@@ -211,6 +221,7 @@ class RowSampling:
             self.seeds.index_select(0, index),
             self.counters.index_select(0, index),
             self.k_cap,
+            self.any_greedy,
         )
 
     @staticmethod
@@ -218,6 +229,7 @@ class RowSampling:
         params: list[SamplingParams], seeds: list[int], counters: list[int], vocab: int, device: torch.device | str
     ) -> RowSampling:
         k_cap = k_bucket(max((row_top_k(p, vocab) for p in params), default=1), vocab)
+        any_greedy = any(p.greedy for p in params)
         return RowSampling(
             torch.tensor([p.effective_temperature for p in params], dtype=torch.float32, device=device),
             torch.tensor([min(row_top_k(p, vocab), k_cap) for p in params], dtype=torch.long, device=device),
@@ -225,6 +237,7 @@ class RowSampling:
             torch.tensor([seed_key(s) for s in seeds], dtype=torch.long, device=device),
             torch.tensor(counters, dtype=torch.long, device=device),
             k_cap,
+            any_greedy,
         )
 
 

@@ -60,15 +60,23 @@ class StepResult:
 
 
 class SlotSampling:
-    """Per-slot sampling parameters on the device, written when a response starts."""
+    """Per-slot sampling parameters on the device, written when a response starts.
 
-    def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
+    The host keeps each active slot's candidate count, from which a batch's ``k_cap``
+    (how many candidates it sorts) and whether any row may be greedy (whether it needs an
+    argmax) follow. ``always_argmax`` keeps the argmax in (a captured CUDA graph cannot
+    follow a host flag that changes between replays).
+    """
+
+    def __init__(self, slots: int, vocab: int, device: torch.device, always_argmax: bool = False) -> None:
         self.vocab = vocab
         self.temperature = torch.ones(slots, device=device)
         self.top_k = torch.ones(slots, dtype=torch.long, device=device)
         self.greedy = torch.ones(slots, dtype=torch.bool, device=device)
-        self.row_k = [1] * slots  # host copy of each slot's candidate count, for the batch's k_cap
+        self.row_k: dict[int, int] = {}  # active slot -> candidate count (1: greedy)
+        self.always_argmax = always_argmax
         self.k_cap = 1
+        self.any_greedy = True
 
     def set(self, slot: int, params: SamplingParams) -> None:
         k = row_top_k(params, self.vocab)
@@ -76,17 +84,21 @@ class SlotSampling:
         self.top_k[slot] = k
         self.greedy[slot] = params.greedy
         self.row_k[slot] = k
-        self.k_cap = k_bucket(max(self.row_k), self.vocab)
+        self._update()
 
     def clear(self, slot: int) -> None:
-        self.row_k[slot] = 1
-        self.k_cap = k_bucket(max(self.row_k), self.vocab)
+        self.row_k.pop(slot, None)
+        self._update()
+
+    def _update(self) -> None:
+        self.k_cap = k_bucket(max(self.row_k.values(), default=1), self.vocab)
+        self.any_greedy = self.always_argmax or any(k == 1 for k in self.row_k.values())
 
     def rows(self, index: Tensor, seeds: Tensor, counters: Tensor) -> RowSampling:
         top_k = self.top_k.index_select(0, index).clamp(max=self.k_cap)
         return RowSampling(
             self.temperature.index_select(0, index), top_k, self.greedy.index_select(0, index),
-            seeds.index_select(0, index), counters.index_select(0, index), self.k_cap,
+            seeds.index_select(0, index), counters.index_select(0, index), self.k_cap, self.any_greedy,
         )  # fmt: skip
 
 
@@ -113,8 +125,8 @@ class BatchStep:
         self.next_audio = torch.zeros(slots, dtype=torch.bool, device=dev)
         self.seeds = torch.zeros(slots, dtype=torch.long, device=dev)
         self.counters = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.text_sampling = SlotSampling(slots, model.config.lfm.vocab_size, dev)
-        self.audio_sampling = SlotSampling(slots, model.config.audio_vocab_size, dev)
+        self.text_sampling = SlotSampling(slots, model.config.lfm.vocab_size, dev, always_argmax=cuda_graphs)
+        self.audio_sampling = SlotSampling(slots, model.config.audio_vocab_size, dev, always_argmax=cuda_graphs)
         self.bucketed = bucketed or cuda_graphs
         self.cuda_graphs = cuda_graphs
         self.buckets = buckets(slots)
@@ -251,7 +263,10 @@ class BatchStep:
             frame.index_copy_(0, audio_idx, codes)
             advance = torch.zeros(audio_rows, dtype=torch.bool, device=codes.device)
             advance.index_copy_(0, audio_idx, audio_on & ~end[:, 0])
-            pcm = self.audio.step(frame, advance).index_select(0, audio_idx)
+            # Gathered: the 24 kHz half of the decoder runs on the audio rows only (not on a bucket's padding).
+            pcm = self.audio.step(frame, advance, None if self.bucketed else audio_idx)
+            if self.bucketed:
+                pcm = pcm.index_select(0, audio_idx)
         else:
             pcm = torch.zeros(0, SAMPLES_PER_FRAME, device=codes.device)
 

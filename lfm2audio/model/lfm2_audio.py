@@ -129,10 +129,10 @@ class LFM2AudioNetwork(nn.Module):
 
     def sample_audio_frame_rows(self, hidden: Tensor, rows: RowSampling) -> Tensor:
         """Codes (B, codebooks) with per-row parameters and counter-based noise (codebook k is lane k)."""
-        u = rows.uniforms(range(self.codebooks))
+        u = rows.uniforms(range(self.codebooks)) if rows.k_cap > 1 else None  # none needed when all greedy
         return sample_audio_frame(  # type: ignore[return-value]
             self.depthformer, self.depth_linear, self.depth_embeddings, hidden,
-            lambda logits, k: rows.sample(logits, k, u[:, k]),
+            lambda logits, k: rows.sample(logits, k, None if u is None else u[:, k]),
         )  # fmt: skip
 
     def audio_frame_logits(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
