@@ -14,6 +14,7 @@ from lfm2audio.sampling import (
     counter_uniform,
     k_bucket,
     sample,
+    sample_inverse_cdf,
 )
 
 
@@ -118,3 +119,22 @@ def test_uniforms_of_several_lanes_equal_one_lane_at_a_time():
     assert together.shape == (40, 9)
     for lane in range(9):
         assert torch.equal(together[:, lane], counter_uniform(seeds, counters, lane))
+
+
+def test_host_hints_skip_passes_without_changing_a_token():
+    """k_cap 1 (every row greedy) is a plain argmax; any_greedy False (no row greedy) draws exactly
+    what the full computation draws for those rows."""
+    torch.manual_seed(3)
+    logits = torch.randn(16, 2049) * 3
+    u = torch.rand(16)
+    temp, top_k = torch.full((16,), 0.7), torch.full((16,), 4)
+    sampled = torch.zeros(16, dtype=torch.bool)
+    full = sample_inverse_cdf(logits, temp, top_k, sampled, u, 4)
+    assert torch.equal(sample_inverse_cdf(logits, temp, top_k, sampled, u, 4, any_greedy=False), full)
+    greedy = torch.ones(16, dtype=torch.bool)
+    assert torch.equal(sample_inverse_cdf(logits, temp, torch.ones(16, dtype=torch.long), greedy, u, 1),
+                       logits.argmax(-1))  # fmt: skip
+    rows = RowSampling.build([SamplingParams()] * 16, list(range(16)), [0] * 16, 2049, "cpu")
+    assert rows.k_cap == 1 and rows.any_greedy
+    assert torch.equal(rows.sample(logits, 0), logits.argmax(-1))
+    assert not RowSampling.build([SamplingParams(1.0, 4)] * 2, [0, 1], [0, 0], 2049, "cpu").any_greedy
