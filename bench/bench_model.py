@@ -57,6 +57,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lfm2audio import ChatState, ConversationCache, LFM2AudioModel, LFM2AudioProcessor, LFMModality  # noqa: E402
+from lfm2audio.codec.int8 import quantize_decoder_int8  # noqa: E402
 from lfm2audio.config import LFM2AudioConfig  # noqa: E402
 from lfm2audio.engine.events import OUTPUT_SAMPLE_RATE as MIMI_RATE  # noqa: E402
 from lfm2audio.engine.events import SAMPLES_PER_FRAME  # noqa: E402
@@ -522,7 +523,9 @@ def run_worker(folder: Path, dtype_name: str, args: argparse.Namespace) -> dict[
         res["turn2"] = turn2_section(model, processor, wave, res["prompt_positions"], args)
 
     chat = turn1_state(processor, wave, keep_cache=False)
-    res["chat_rtf"] = chat_rtf(model, chat, random_codec(), args.cycles)
+    # The processor's Mimi is quantized as the model is (lfm2audio.codec.int8: int8 decoder weights in both modes).
+    codec = random_codec() if args.worker_quantize is None else quantize_decoder_int8(random_codec())
+    res["chat_rtf"] = chat_rtf(model, chat, codec, args.cycles)
     if args.quality_ref is not None:
         res["quality"] = quality(model, chat, args)
     res["peak_rss_end_gb"] = peak_rss_gb()

@@ -103,7 +103,9 @@ def load(args: argparse.Namespace) -> Loaded:
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     t0 = time.monotonic()
     try:
-        processor = LFM2AudioProcessor.from_pretrained(args.model, revision=args.revision, device=args.device).eval()
+        processor = LFM2AudioProcessor.from_pretrained(
+            args.model, revision=args.revision, device=args.device, quantize=args.quantize
+        ).eval()
         model = LFM2AudioModel.from_pretrained(
             args.model, revision=args.revision, device=args.device, dtype=dtype, quantize=args.quantize
         ).eval()
@@ -356,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     g.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default bfloat16 on CUDA, else float32")
-    g.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized backbone and audio head (CPU)")
+    g.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized model and Mimi decoder (CPU)")
     g = common.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=512, help="text tokens + audio frames per turn (default 512)")
     g.add_argument("--system", help="system prompt (default: the mode's prompt)")

@@ -12,6 +12,7 @@ from torch import Tensor
 from lfm2audio.config import PreprocessorConfig, parse_section, read_json
 from lfm2audio.features import LogMelFeatures
 from lfm2audio.loading import DETOKENIZER_DIR, MIMI_FILE, default_device, resolve_model_dir
+from lfm2audio.model.quantize import Quantize, check_quantize
 from lfm2audio.tokenizer import TextTokenizer
 
 MIMI_CONFIG_FILE = "mimi_config.json"
@@ -29,6 +30,7 @@ class LFM2AudioProcessor:
         mimi_config_path: Path | None = None,
         detokenizer_path: Path | None = None,
         name: str | None = None,
+        quantize: Quantize | None = None,
     ) -> None:
         self.text_tokenizer = tokenizer
         self.audio_processor = LogMelFeatures(preprocessor).eval()
@@ -37,6 +39,7 @@ class LFM2AudioProcessor:
         self.mimi_config_path = mimi_config_path
         self.detokenizer_path = detokenizer_path
         self.name = name
+        self.quantize = quantize
         self._mimi: Any = None
         self._detokenizer: Any = None
 
@@ -47,7 +50,11 @@ class LFM2AudioProcessor:
         *,
         revision: str | None = None,
         device: torch.device | str | None = None,
+        quantize: Quantize | None = None,
     ) -> LFM2AudioProcessor:
+        """``quantize`` ("int8" or "int4", CPU only) gives Mimi's decoder int8 weights when it loads
+        (``lfm2audio.codec.int8``): pass the model's setting."""
+        check_quantize(quantize, default_device(device))
         folder = resolve_model_dir(repo_id_or_path, revision=revision)
         config = read_json(folder / "config.json")
         if not isinstance(config, dict) or "preprocessor" not in config:
@@ -65,6 +72,7 @@ class LFM2AudioProcessor:
             mimi_config_path=mimi_cfg if mimi_cfg.is_file() else None,
             detokenizer_path=detok if detok.is_dir() else None,
             name=str(repo_id_or_path),
+            quantize=quantize,
         ).to(default_device(device))
 
     # Reference-compatible surface -------------------------------------------------
@@ -105,7 +113,13 @@ class LFM2AudioProcessor:
             from lfm2audio.codec import MimiConfig, load_mimi
 
             config = MimiConfig.from_json(self.mimi_config_path) if self.mimi_config_path else None
-            self._mimi = load_mimi(self.mimi_path, config=config, device=self.device)
+            mimi = load_mimi(self.mimi_path, config=config, device=self.device)
+            if self.quantize is not None:
+                from lfm2audio.codec.int8 import quantize_decoder_int8
+
+                check_quantize(self.quantize, self.device)
+                quantize_decoder_int8(mimi)
+            self._mimi = mimi
         return self._mimi
 
     @property

@@ -54,7 +54,8 @@ def default_engine_factory(config: ServerConfig) -> Engine:
         model = LFM2AudioModel.from_pretrained(
             config.model, device=config.device, dtype=dtype, quantize=config.quantize
         )
-        return Engine(model, LFM2AudioProcessor.from_pretrained(config.model, device=model.device), engine_config)
+        processor = LFM2AudioProcessor.from_pretrained(config.model, device=model.device, quantize=config.quantize)
+        return Engine(model, processor, engine_config)
 
     # Loaded on a thread that leaves no OpenMP team behind: the engine thread's parallel ops stay fast.
     return load_without_team(load)

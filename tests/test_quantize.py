@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from golden_chat import INPUT_NAMES, build_state
@@ -178,6 +180,42 @@ def test_server_quantize_flag_builds_a_quantized_engine(checkpoint_dir):
         ServerConfig(quantize="int3")
     engine = default_engine_factory(config.replace(device="cpu"))
     assert isinstance(engine.model.get_submodule("lfm.layers.0.feed_forward.w1"), Int8Linear)
+    mimi = engine.processor.mimi  # the engine's audio decoder is quantized too
+    assert isinstance(mimi.decoder_transformer.layers[0].linear1, Int8Linear)
+
+
+# The Mimi decoder ---------------------------------------------------------------------------------
+
+
+def test_int8_mimi_decoder_streams_close_to_float(checkpoint_dir):
+    """Every linear layer of the decoder transformer and every large SEANet convolution get int8
+    copies; streamed PCM stays close to the float decoder's (and the processor applies it)."""
+    from lfm2audio.codec import MimiCodec, MimiConfig
+    from lfm2audio.codec.int8 import quantize_decoder_int8
+
+    proc_q = LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu", quantize="int4")
+    assert isinstance(proc_q.mimi.decoder_transformer.layers[0].self_attn.in_projs[0], Int8Linear)
+    # A config whose first SEANet layers are large enough to be quantized (the golden one's are tiny).
+    cfg = MimiConfig()
+    cfg.transformer.num_layers = 1
+    torch.manual_seed(0)
+    ref = MimiCodec(cfg).eval()
+    with torch.no_grad():
+        for name, buf in ref.named_buffers():
+            if name.endswith("embedding_sum"):
+                buf.normal_()
+    q = copy.deepcopy(ref)
+    quantize_decoder_int8(q)
+    convs = [m for m in q.decoder.modules() if getattr(m, "weight_matmul", None) is not None]
+    assert len(convs) >= 2  # the first conv and the first transposed conv at least
+    codes = torch.randint(0, 2048, (2, 8, 4), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        sa, sb = ref.decoder_state(2), q.decoder_state(2)
+        for i in range(4):
+            a, _ = ref.decode_step(codes[:, :, i], sa)
+            b, _ = q.decode_step(codes[:, :, i], sb)
+            rel = ((a - b).norm() / a.norm()).item()
+            assert 0 < rel < 0.05, rel
 
 
 def test_cli_quantize_flag():

@@ -113,6 +113,9 @@ class CausalConv1d(nn.Module):
             raise ValueError("kernel (with dilation) smaller than stride is not supported")
         self.use_taps = groups == 1 and kernel_size > 1 and in_channels * out_channels * kernel_size <= _DERIVE_MAX
         self._taps = _Derived(lambda w: w.permute(2, 1, 0).contiguous())  # (K, C_in, C_out)
+        # When set (``lfm2audio.codec.int8``): the product with the weight as a (C_out, C_in * K) matrix,
+        # bias included, e.g. an int8 copy of it; im2col then feeds it.
+        self.weight_matmul: nn.Module | None = None
 
     def stream_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
         return [torch.zeros(batch, self.tail, self.in_channels, device=device, dtype=dtype)] if self.tail else []
@@ -128,7 +131,7 @@ class CausalConv1d(nn.Module):
                 raise ValueError("replicate padding needs the per-row 'first' mask")
             tail.copy_(torch.where(first.view(-1, 1, 1), x[:, :1].expand_as(tail), tail))
         T = x.shape[1]
-        if self.use_taps and T >= self.tail and T % self.stride == 0:
+        if self.use_taps and self.weight_matmul is None and T >= self.tail and T % self.stride == 0:
             y = self._taps_with_history(x, tail)
             tail.copy_(x[:, T - self.tail :])
             return y
@@ -144,10 +147,10 @@ class CausalConv1d(nn.Module):
         if self.groups != 1:
             y = F.conv1d(x.transpose(1, 2), w, b, self.stride, 0, self.dilation, self.groups)
             return y.transpose(1, 2).contiguous()
-        if self.kernel_size == 1:
+        if self.kernel_size == 1 and self.weight_matmul is None:
             return F.linear(x, w.view(self.out_channels, -1), b)
         t_out = (L - self.span) // self.stride + 1
-        if self.use_taps and (B == 1 or L % self.stride == 0):
+        if self.use_taps and self.weight_matmul is None and (B == 1 or L % self.stride == 0):
             # Flattened batch: rows straddling two batch rows are computed, then dropped.
             rows = -(-L // self.stride)
             out = self._taps_flat(x.reshape(B * L, -1), 0, (B - 1) * rows + t_out, B * rows)
@@ -157,6 +160,8 @@ class CausalConv1d(nn.Module):
             win = win[..., :: self.dilation]
         # im2col rows ordered (c_in, k) like the weight's (out, in, K) layout: no weight copy.
         cols = win.reshape(B * t_out, -1)
+        if self.weight_matmul is not None:
+            return self.weight_matmul(cols).view(B, t_out, self.out_channels)
         w2 = w.view(self.out_channels, -1).t()
         y = torch.addmm(b, cols, w2) if b is not None else cols @ w2
         return y.view(B, t_out, self.out_channels)
@@ -221,6 +226,9 @@ class CausalConvTranspose1d(nn.Module):
         self._halves = _Derived(
             lambda w: w.view(in_channels, out_channels, 2, stride).permute(2, 0, 3, 1).reshape(2, in_channels, -1)
         )
+        # When set (``lfm2audio.codec.int8``): the product with the weight as a (C_in, C_out * K) matrix,
+        # bias excluded, e.g. an int8 copy of it.
+        self.weight_matmul: nn.Module | None = None
 
     def stream_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
         # Partial outputs (bias excluded) of the last input step that fall into the next call.
@@ -234,13 +242,15 @@ class CausalConvTranspose1d(nn.Module):
         S, c_out = self.stride, self.out_channels
         # Input step t contributes head[t] (kernel taps 0..S-1) to output block t and
         # tail[t] (taps S..2S-1) to block t+1; a block is (S, C_out), time-major.
-        if self.use_halves:
+        if self.use_halves and self.weight_matmul is None:
             halves = self._halves.get(w)
             flat = x.reshape(B * T, -1)
             z = (torch.addmm(b.repeat(S), flat, halves[0]) if b is not None else flat @ halves[0]).view(B, T, S, c_out)
             tail = (flat @ halves[1]).view(B, T, S, c_out)
         elif self.groups == 1:
-            y = (x.reshape(B * T, -1) @ w.view(self.in_channels, -1)).view(B, T, c_out, 2, S)
+            flat = x.reshape(B * T, -1)
+            y = self.weight_matmul(flat) if self.weight_matmul is not None else flat @ w.view(self.in_channels, -1)
+            y = y.view(B, T, c_out, 2, S)
             head, tail = y[:, :, :, 0].transpose(2, 3), y[:, :, :, 1].transpose(2, 3)
             z = torch.empty(B, T, S, c_out, device=x.device, dtype=x.dtype)
             if b is not None:

@@ -1,0 +1,49 @@
+"""Int8 weights for the Mimi decoder: what ``quantize="int8" | "int4"`` does to the audio decoder.
+
+A streaming frame feeds two positions through the decoder transformer and one through the first
+SEANet layers, so their products are matrix-vector products whose cost is reading the weights:
+on the 2-core CI machine, the full-size decoder's transformer (25 M parameters, 100 MB in float32)
+took ~11 ms a frame in float32 against ~2 ms with int8 weights, and the first transposed
+convolution (8.4 M parameters) 3.6 against 0.25 ms: together two thirds of a frame, a quarter of a
+quantized chat turn's time (``bench/bench_model.py``). So the transformer's linear layers and the
+SEANet convolutions of at least ``MIN_CONV_WEIGHTS`` weights get int8 copies (per-output-row scales,
+``Int8Linear``); the small 24 kHz convolutions, the codebooks and the encoder keep their dtype.
+int8 in both quantize modes: the codec's output is the audio itself, with no sampling after it to
+absorb int4's coarser noise.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lfm2audio.codec.mimi import MimiCodec
+from lfm2audio.codec.seanet import CausalConv1d, CausalConvTranspose1d
+from lfm2audio.model.quantize import Int8Linear
+
+MIN_CONV_WEIGHTS = 1 << 20
+
+
+def quantize_decoder_int8(codec: MimiCodec) -> MimiCodec:
+    """Give ``codec``'s decoder int8 weights in place (see the module docstring); returns ``codec``.
+
+    The transformer's linear layers are replaced (their float weights are dropped); the convolutions
+    keep their float weights beside the copies, which their forward passes use.
+    """
+    transformer = codec.decoder_transformer
+    for name, module in list(transformer.named_modules()):
+        if isinstance(module, nn.Linear):
+            owner_name, _, attr = name.rpartition(".")
+            owner = transformer.get_submodule(owner_name) if owner_name else transformer
+            setattr(owner, attr, Int8Linear.from_float(module.weight.detach(), module.bias))
+    for module in codec.decoder.modules():
+        if isinstance(module, CausalConv1d) and module.groups == 1:
+            conv = module.conv.conv
+            if conv.weight.numel() >= MIN_CONV_WEIGHTS:
+                weight = conv.weight.detach().reshape(module.out_channels, -1)  # (out, in * K): im2col order
+                module.weight_matmul = Int8Linear.from_float(weight, conv.bias)
+        elif isinstance(module, CausalConvTranspose1d) and module.groups == 1:
+            convtr = module.convtr.convtr
+            if convtr.weight.numel() >= MIN_CONV_WEIGHTS:
+                weight = convtr.weight.detach().reshape(module.in_channels, -1).t()  # (out * K, in)
+                module.weight_matmul = Int8Linear.from_float(weight.contiguous())
+    return codec
