@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lfm2audio.config import DepthformerConfig
@@ -63,35 +64,53 @@ class DepthAttention(nn.Module):
         self.out_proj = Linear(cfg.dim, cfg.dim, bias=False)
         self.bounded_attention = BoundedAttention(self.head_dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
-        """One codebook step for B rows: x (B, dim); caches (B, 8, n_kv, head_dim) filled up to ``pos``."""
+    def forward(self, x: Tensor, rotation: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """One codebook step for B rows: x (B, dim); caches (B, 8, n_kv, head_dim) filled up to ``pos``;
+        ``rotation`` (head_dim, head_dim) is RoPE at ``pos`` as a matrix (``rope_matrices``)."""
         B = x.shape[0]
-        hd = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-        q = self.bounded_attention.q_layernorm(q.view(B, self.n_heads, hd))
-        k = self.bounded_attention.k_layernorm(k.view(B, self.n_kv, hd))
-        q, k = apply_rope_pairs(q, rope), apply_rope_pairs(k, rope)
+        hd, H, n_kv = self.head_dim, self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x)
+        # q and k heads side by side, each normalised over head_dim with its own weight, then rotated:
+        # three ops for both (the attention scale rides on the q weights: RoPE is linear).
+        norms = self.bounded_attention
+        q_weight = (norms.q_layernorm.weight * hd**-0.5).expand(H, hd)
+        qk_weight = torch.cat([q_weight, norms.k_layernorm.weight.expand(n_kv, hd)])
+        qk = F.rms_norm(_float(qkv[:, : (H + n_kv) * hd].view(B, H + n_kv, hd)), (hd,), eps=norms.q_layernorm.eps)
+        qk = torch.matmul(qk * qk_weight, rotation)
+        q, k = qk[:, :H], qk[:, H:]
         k_cache[:, pos] = k
-        v_cache[:, pos] = v.view(B, self.n_kv, hd)
+        v_cache[:, pos] = qkv[:, (H + n_kv) * hd :].view(B, n_kv, hd)
         # One query over at most 8 keys, every cached key visible: written out as two small batched
         # products. (CPU's fused attention kernel schedules one block per row and head, which costs
         # far more than this arithmetic at batch sizes of a hundred sessions.) The scores are laid
         # out (B, n_kv, P, group), the softmax running over P with the group's heads contiguous:
         # over a last dimension of at most 8 it cost 5-10x more at 40 rows (bench_engine_overhead).
-        group = self.n_heads // self.n_kv
-        qg = q.view(B, self.n_kv, group, hd).float()
-        keys = k_cache[:, : pos + 1].transpose(1, 2).float()  # (B, n_kv, P, hd)
-        scores = torch.matmul(keys, qg.transpose(-1, -2)) * (hd**-0.5)  # (B, n_kv, P, group)
-        weights = scores.softmax(dim=-2)
-        values = v_cache[:, : pos + 1].transpose(1, 2).float()
-        out = torch.matmul(weights.transpose(-1, -2), values).to(x.dtype)  # (B, n_kv, group, hd)
-        return self.out_proj(out.reshape(B, self.n_heads * hd))
+        group = H // n_kv
+        qg = q.reshape(B, n_kv, group, hd)
+        keys = _float(k_cache[:, : pos + 1].transpose(1, 2))  # (B, n_kv, P, hd)
+        weights = torch.matmul(keys, qg.transpose(-1, -2)).softmax(dim=-2)  # (B, n_kv, P, group)
+        values = _float(v_cache[:, : pos + 1].transpose(1, 2))
+        out = torch.matmul(weights.transpose(-1, -2), values)  # (B, n_kv, group, hd)
+        return self.out_proj(out.reshape(B, H * hd).to(x.dtype))
 
 
-def apply_rope_pairs(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) by the complex ``rope`` (head_dim/2,)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
-    return torch.view_as_real(xc * rope).flatten(-2).to(x.dtype)
+def _float(t: Tensor) -> Tensor:
+    # ``t.float()`` costs a dispatch even when ``t`` is float32 already (a step makes dozens).
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def rope_matrices(rope: Tensor) -> Tensor:
+    """Rotations (P, head_dim/2) as complex numbers -> (P, head_dim, head_dim) real matrices R such
+    that ``x @ R[p]`` rotates each consecutive pair (x[2i], x[2i+1]) by ``rope[p, i]``."""
+    P, half = rope.shape
+    c, s = rope.real, rope.imag
+    R = torch.zeros(P, 2 * half, 2 * half, device=rope.device)
+    i = torch.arange(half, device=rope.device)
+    R[:, 2 * i, 2 * i] = c
+    R[:, 2 * i + 1, 2 * i] = -s
+    R[:, 2 * i, 2 * i + 1] = s
+    R[:, 2 * i + 1, 2 * i + 1] = c
+    return R
 
 
 class DepthBlock(nn.Module):
@@ -118,7 +137,8 @@ class Depthformer(nn.Module):
         device = self.layers[0].operator_norm.weight.device if len(self.layers) else None
         if device is not None and device.type == "meta":
             device = None
-        self.register_buffer("rope", torch.polar(torch.ones_like(angles), angles).to(device), persistent=False)
+        rope = torch.polar(torch.ones_like(angles), angles)
+        self.register_buffer("rope", rope_matrices(rope).to(device), persistent=False)  # (codebooks, hd, hd)
 
     def step(self, x: Tensor, caches: list[tuple[Tensor, Tensor]], pos: int) -> Tensor:
         for blk, (kc, vc) in zip(self.layers, caches, strict=True):

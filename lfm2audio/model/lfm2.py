@@ -39,11 +39,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        # torch's rms_norm is x * rsqrt(mean(x^2) + eps) [* weight], bit for bit, in one call.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no conversions to dispatch
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.scale_in_float:
-            return (xf * self.weight).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        if self.scale_in_float or x.dtype == torch.float32:
+            return F.rms_norm(xf, (xf.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(xf, (xf.shape[-1],), None, self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
