@@ -418,3 +418,29 @@ def test_manual_stepping(model, proc, golden):
             tokens.append(torch.tensor([ev.token_id]) if isinstance(ev, TextDelta) else torch.tensor(ev.codes))
             ev = chat.events.get_nowait()
     raise AssertionError("the response did not finish")
+
+
+def test_gathered_audio_rows_that_do_not_advance_keep_their_state(proc):
+    """SlotAudioDecoder.step(rows=...): the SEANet half runs on the given rows only; a row among them
+    that does not advance (it drew end-of-audio) and the rows outside them keep their whole state,
+    and an advancing row's PCM is what a lone stream gives."""
+    from lfm2audio.engine.audio_out import make_audio_decoder
+
+    dec = make_audio_decoder(proc, "mimi", 4)
+    g = torch.Generator().manual_seed(5)
+    warm = torch.randint(0, 2048, (4, 8), generator=g)
+    with torch.inference_mode():
+        dec.step(warm, torch.ones(4, dtype=torch.bool))  # every row one frame in
+        before = dec.state.clone()
+        codes = torch.randint(0, 2048, (4, 8), generator=g)
+        advance = torch.tensor([False, True, False, False])
+        pcm = dec.step(codes[:3], advance[:3], torch.tensor([1, 2]))
+        assert pcm.shape == (2, 1920)
+        for r in (0, 2, 3):
+            assert torch.equal(dec.state.packed[r], before.packed[r])
+            assert torch.equal(dec.state.transformer.offsets[r], before.transformer.offsets[r])
+        lone = proc.mimi.decoder_state(1)
+        proc.mimi.decode_step(warm[1:2], lone)
+        expected, _ = proc.mimi.decode_step(codes[1:2], lone)
+        torch.testing.assert_close(pcm[0], expected[0, :1920].float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(dec.state.packed[1], lone.packed[0], atol=1e-5, rtol=0)  # batched rounding
