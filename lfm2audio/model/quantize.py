@@ -46,8 +46,24 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
 
 
 def _rows(x: Tensor) -> Tensor:
-    """``x`` as a contiguous (rows, features) bfloat16 matrix (the kernels want exactly that)."""
-    return x.reshape(-1, x.shape[-1]).to(_ACT).contiguous()
+    """``x`` as a contiguous (rows, features) bfloat16 matrix (the kernels want exactly that).
+
+    Each call skips what it does not need: a decode step calls a few hundred quantized layers
+    per frame, one row each, and a dispatched no-op costs about as much as a small op."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dtype != _ACT:
+        x = x.to(_ACT)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _out(y: Tensor, x: Tensor, bias: Tensor | None, features: int) -> Tensor:
+    """The kernel's bfloat16 (rows, features) output in ``x``'s dtype and leading shape, plus ``bias``."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], features)
 
 
 class Int8Linear(nn.Module):
@@ -71,10 +87,8 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(_rows(x), self.weight, self.scales).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = torch.ops.aten._weight_int8pack_mm(_rows(x), self.weight, self.scales)
+        return _out(y, x, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -107,10 +121,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x), self.weight, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return _out(y, x, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (
