@@ -5,12 +5,13 @@ batched, and whole-clip ``decode`` of 10 s of audio. A frame is 80 ms of
 24 kHz audio, so a step is real-time while it takes under 80 ms; the real-time
 factor (RTF) is compute time / audio time (lower is better).
 
-    .venv/bin/python bench/bench_detokenizer.py [--out bench/results/detokenizer.json]
+    .venv/bin/python bench/bench_detokenizer.py [--int8] [--out bench/results/detokenizer.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lfm2audio.codec.detokenizer import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioDetokenizer
+from lfm2audio.codec.int8 import quantize_detokenizer_int8
 from lfm2audio.config import LFM2Config, parse_section, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,24 +78,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="timed streaming steps")
     ap.add_argument("--seconds", type=float, default=10.0, help="whole-clip length")
     ap.add_argument("--repeats", type=int, default=3, help="whole-clip repeats")
+    ap.add_argument("--int8", action="store_true",
+                    help="also time the int8 copy that --quantize loads (lfm2audio.codec.int8)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = parse_section(LFM2Config, read_json(args.config), str(args.config))
     model = AudioDetokenizer(cfg).eval()  # random weights: speed does not depend on their values
+    models = {"float32": model}
+    if args.int8:
+        models["int8"] = quantize_detokenizer_int8(copy.deepcopy(model))
 
-    stream = [bench_stream(model, b, args.steps, warmup=5) for b in (1, 16)]
+    stream: list[dict] = []
+    rows = []
+    for name, m in models.items():
+        stream += [{"weights": name, **bench_stream(m, b, args.steps, warmup=5)} for b in (1, 16)]
+    for s in stream:
+        rows.append((f"{s['weights']} stream x{s['batch']}", s["step_ms_median"], s["ms_per_stream_frame"], s["rtf"]))
     whole = bench_whole(model, args.seconds, args.repeats)
-
-    rows = [
-        (f"stream x{s['batch']} (per step)", s["step_ms_median"], s["ms_per_stream_frame"], s["rtf"]) for s in stream
-    ]
     rows.append((f"whole clip {whole['audio_s']:.0f} s", whole["total_ms_median"], whole["ms_per_frame"], whole["rtf"]))
     print(f"detokenizer, full config, CPU float32, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'mode':<24}{'total ms':>12}{'ms/frame':>12}{'RTF':>10}")
+    print(f"{'mode':<28}{'total ms':>12}{'ms/frame':>12}{'RTF':>10}")
     for name, total, per_frame, rtf in rows:
-        print(f"{name:<24}{total:>12.2f}{per_frame:>12.3f}{rtf:>10.4f}")
+        print(f"{name:<28}{total:>12.2f}{per_frame:>12.3f}{rtf:>10.4f}")
     print("(ms/frame: per stream per 80 ms frame; stream RTF = step time / 80 ms)")
 
     result = {

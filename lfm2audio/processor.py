@@ -52,8 +52,8 @@ class LFM2AudioProcessor:
         device: torch.device | str | None = None,
         quantize: Quantize | None = None,
     ) -> LFM2AudioProcessor:
-        """``quantize`` ("int8" or "int4", CPU only) gives Mimi's decoder int8 weights when it loads
-        (``lfm2audio.codec.int8``): pass the model's setting."""
+        """``quantize`` ("int8" or "int4", CPU only) gives Mimi's decoder and the LFM2.5 detokenizer int8
+        weights when they load (``lfm2audio.codec.int8``): pass the model's setting."""
         check_quantize(quantize, default_device(device))
         folder = resolve_model_dir(repo_id_or_path, revision=revision)
         config = read_json(folder / "config.json")
@@ -133,7 +133,13 @@ class LFM2AudioProcessor:
         if self._detokenizer is None:
             from lfm2audio.codec.detokenizer import load_detokenizer
 
-            self._detokenizer = load_detokenizer(self.detokenizer_path, device=self.device)
+            detokenizer = load_detokenizer(self.detokenizer_path, device=self.device)
+            if self.quantize is not None:
+                from lfm2audio.codec.int8 import quantize_detokenizer_int8
+
+                check_quantize(self.quantize, self.device)
+                quantize_detokenizer_int8(detokenizer)
+            self._detokenizer = detokenizer
         return self._detokenizer
 
     @torch.inference_mode()

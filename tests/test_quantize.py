@@ -195,6 +195,13 @@ def test_int8_mimi_decoder_streams_close_to_float(checkpoint_dir):
 
     proc_q = LFM2AudioProcessor.from_pretrained(checkpoint_dir, device="cpu", quantize="int4")
     assert isinstance(proc_q.mimi.decoder_transformer.layers[0].self_attn.in_projs[0], Int8Linear)
+    # The LFM2.5 detokenizer's backbone too; its PCM stays close to the float one's.
+    detok_q, detok = proc_q.audio_detokenizer, LFM2AudioProcessor.from_pretrained(checkpoint_dir).audio_detokenizer
+    assert isinstance(detok_q.lfm.layers[0].feed_forward.w1, Int8Linear)
+    clip = torch.randint(0, 2048, (1, 8, 10), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        a, b = detok.decode(clip), detok_q.decode(clip)
+    assert 0 < ((a - b).norm() / a.norm()).item() < 0.1
     # A config whose first SEANet layers are large enough to be quantized (the golden one's are tiny).
     cfg = MimiConfig()
     cfg.transformer.num_layers = 1

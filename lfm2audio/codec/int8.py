@@ -9,18 +9,29 @@ quantized chat turn's time (``bench/bench_model.py``). So the transformer's line
 SEANet convolutions of at least ``MIN_CONV_WEIGHTS`` weights get int8 copies (per-output-row scales,
 ``Int8Linear``); the small 24 kHz convolutions, the codebooks and the encoder keep their dtype.
 int8 in both quantize modes: the codec's output is the audio itself, with no sampling after it to
-absorb int4's coarser noise.
+absorb int4's coarser noise. The LFM2.5 detokenizer's backbone gets the same treatment
+(``quantize_detokenizer_int8``).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from lfm2audio.codec.detokenizer import AudioDetokenizer
 from lfm2audio.codec.mimi import MimiCodec
 from lfm2audio.codec.seanet import CausalConv1d, CausalConvTranspose1d
 from lfm2audio.model.quantize import Int8Linear
 
 MIN_CONV_WEIGHTS = 1 << 20
+
+
+def _int8_linears(root: nn.Module) -> None:
+    """Replace every ``nn.Linear`` below ``root`` by an ``Int8Linear`` (the float weights are dropped)."""
+    for name, module in list(root.named_modules()):
+        if isinstance(module, nn.Linear):
+            owner_name, _, attr = name.rpartition(".")
+            owner = root.get_submodule(owner_name) if owner_name else root
+            setattr(owner, attr, Int8Linear.from_float(module.weight.detach(), module.bias))
 
 
 def quantize_decoder_int8(codec: MimiCodec) -> MimiCodec:
@@ -29,12 +40,7 @@ def quantize_decoder_int8(codec: MimiCodec) -> MimiCodec:
     The transformer's linear layers are replaced (their float weights are dropped); the convolutions
     keep their float weights beside the copies, which their forward passes use.
     """
-    transformer = codec.decoder_transformer
-    for name, module in list(transformer.named_modules()):
-        if isinstance(module, nn.Linear):
-            owner_name, _, attr = name.rpartition(".")
-            owner = transformer.get_submodule(owner_name) if owner_name else transformer
-            setattr(owner, attr, Int8Linear.from_float(module.weight.detach(), module.bias))
+    _int8_linears(codec.decoder_transformer)
     for module in codec.decoder.modules():
         if isinstance(module, CausalConv1d) and module.groups == 1:
             conv = module.conv.conv
@@ -47,3 +53,13 @@ def quantize_decoder_int8(codec: MimiCodec) -> MimiCodec:
                 weight = convtr.weight.detach().reshape(module.in_channels, -1).t()  # (out * K, in)
                 module.weight_matmul = Int8Linear.from_float(weight.contiguous())
     return codec
+
+
+def quantize_detokenizer_int8(detokenizer: AudioDetokenizer) -> AudioDetokenizer:
+    """The LFM2.5 detokenizer's backbone linear layers as int8, in place; returns it.
+
+    Its six 75 Hz positions of a frame read every backbone weight once, as Mimi's transformer does.
+    The output head (``lin``, 0.7 M weights) keeps its dtype, as do the embedding and the ISTFT.
+    """
+    _int8_linears(detokenizer.lfm)
+    return detokenizer
