@@ -430,7 +430,7 @@ def test_gathered_audio_rows_that_do_not_advance_keep_their_state(proc):
     g = torch.Generator().manual_seed(5)
     warm = torch.randint(0, 2048, (4, 8), generator=g)
     with torch.inference_mode():
-        dec.step(warm, torch.ones(4, dtype=torch.bool))  # every row one frame in
+        dec.step(warm, torch.ones(4, dtype=torch.bool), torch.arange(4))  # every row one frame in
         before = dec.state.clone()
         codes = torch.randint(0, 2048, (4, 8), generator=g)
         advance = torch.tensor([False, True, False, False])

@@ -33,27 +33,27 @@ class SlotAudioDecoder:
         self.state.reset_rows([slot])
 
     @torch.inference_mode()
-    def step(self, codes: Tensor, advance: Tensor, rows: Tensor | None = None) -> Tensor:
-        """PCM float32 for one frame of codes (m, 8) of rows [0, m); only rows with ``advance`` step.
+    def step(self, codes: Tensor, advance: Tensor, rows: Tensor, gather: bool = True) -> Tensor:
+        """PCM float32 (len(rows), 1920) of ``rows`` (indices into [0, m)) for one frame of codes
+        (m, 8) of rows [0, m); only rows with ``advance`` step.
 
-        Returns (m, 1920), or with ``rows`` (indices into [0, m)) the PCM of those rows
-        only, (len(rows), 1920). The step runs on the prefix of rows as a view (the
-        codecs update their state in place); the state of rows that must not advance
-        (silent slots, end-of-audio frames) is put back from a copy taken first,
-        chosen on the device by the mask: a fixed sequence of ops, no host reads.
-        With ``rows`` and Mimi, the SEANet decoder (the 24 kHz half, most of the
-        arithmetic) runs on those rows alone, gathered, the others' part of its state
-        untouched: a step where a third of the slots are speaking text does not
-        synthesise their silence.
+        The step runs on the prefix of rows as a view (the codecs update their state in
+        place); the state of rows that must not advance (silent slots, end-of-audio
+        frames) is put back from a copy taken first, chosen on the device by the mask: a
+        fixed sequence of ops, no host reads. With ``gather`` and Mimi, the SEANet
+        decoder (the 24 kHz half, most of the arithmetic) runs on ``rows`` alone, the
+        others' part of its state untouched: a step where a third of the slots are
+        speaking text does not synthesise their silence. Without (fixed shapes for a
+        CUDA graph) every row of the prefix is decoded and ``rows`` picked from it.
         """
         m = codes.shape[0]
         view = self.state.rows(0, m)
         codes = codes.clamp(0, CODEBOOK_SIZE - 1)
-        gather = rows is not None and isinstance(self.codec, MimiCodec)
+        gather = gather and isinstance(self.codec, MimiCodec)
         guarded = view.step_tensors(seanet=False) if gather else view.step_tensors()  # type: ignore[call-arg]
         saved = [t.clone() for t in guarded]
         if gather:
-            assert isinstance(self.codec, MimiCodec) and isinstance(view, MimiDecoderState) and rows is not None
+            assert isinstance(self.codec, MimiCodec) and isinstance(view, MimiDecoderState)
             latent = self.codec.decode_latent_chunk(codes[:, :, None], view)
             seanet = view.seanet.index_select(0, rows)  # the rows' SEANet state, stepped in place
             pcm = self.codec.decoder.step(latent.index_select(0, rows), iter(view.seanet_views(seanet)))
@@ -66,7 +66,7 @@ class SlotAudioDecoder:
         for t, s in zip(guarded, saved, strict=True):
             t.copy_(_where_rows(advance, t, s))
         pcm = pcm.reshape(pcm.shape[0], -1)[:, :SAMPLES_PER_FRAME].float()
-        return pcm if gather or rows is None else pcm.index_select(0, rows)
+        return pcm if gather else pcm.index_select(0, rows)
 
 
 def _where_rows(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:

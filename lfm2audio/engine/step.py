@@ -264,9 +264,7 @@ class BatchStep:
             advance = torch.zeros(audio_rows, dtype=torch.bool, device=codes.device)
             advance.index_copy_(0, audio_idx, audio_on & ~end[:, 0])
             # Gathered: the 24 kHz half of the decoder runs on the audio rows only (not on a bucket's padding).
-            pcm = self.audio.step(frame, advance, None if self.bucketed else audio_idx)
-            if self.bucketed:
-                pcm = pcm.index_select(0, audio_idx)
+            pcm = self.audio.step(frame, advance, audio_idx, gather=not self.bucketed)
         else:
             pcm = torch.zeros(0, SAMPLES_PER_FRAME, device=codes.device)
 
