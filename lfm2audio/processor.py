@@ -113,13 +113,7 @@ class LFM2AudioProcessor:
             from lfm2audio.codec import MimiConfig, load_mimi
 
             config = MimiConfig.from_json(self.mimi_config_path) if self.mimi_config_path else None
-            mimi = load_mimi(self.mimi_path, config=config, device=self.device)
-            if self.quantize is not None:
-                from lfm2audio.codec.int8 import quantize_decoder_int8
-
-                check_quantize(self.quantize, self.device)
-                quantize_decoder_int8(mimi)
-            self._mimi = mimi
+            self._mimi = self._quantized(load_mimi(self.mimi_path, config=config, device=self.device))
         return self._mimi
 
     @property
@@ -133,14 +127,17 @@ class LFM2AudioProcessor:
         if self._detokenizer is None:
             from lfm2audio.codec.detokenizer import load_detokenizer
 
-            detokenizer = load_detokenizer(self.detokenizer_path, device=self.device)
-            if self.quantize is not None:
-                from lfm2audio.codec.int8 import quantize_detokenizer_int8
-
-                check_quantize(self.quantize, self.device)
-                quantize_detokenizer_int8(detokenizer)
-            self._detokenizer = detokenizer
+            self._detokenizer = self._quantized(load_detokenizer(self.detokenizer_path, device=self.device))
         return self._detokenizer
+
+    def _quantized(self, codec: Any) -> Any:
+        """A codec just loaded, with int8 decoder weights when the processor quantizes."""
+        if self.quantize is None:
+            return codec
+        from lfm2audio.codec.int8 import quantize_codec_int8
+
+        check_quantize(self.quantize, self.device)
+        return quantize_codec_int8(codec)
 
     @torch.inference_mode()
     def decode(self, audio_codes: Tensor) -> Tensor:

@@ -63,3 +63,10 @@ def quantize_detokenizer_int8(detokenizer: AudioDetokenizer) -> AudioDetokenizer
     """
     _int8_linears(detokenizer.lfm)
     return detokenizer
+
+
+def quantize_codec_int8(codec: MimiCodec | AudioDetokenizer) -> MimiCodec | AudioDetokenizer:
+    """The audio decoder's int8 treatment above, for either codec (in place; returns it)."""
+    if isinstance(codec, MimiCodec):
+        return quantize_decoder_int8(codec)
+    return quantize_detokenizer_int8(codec)
