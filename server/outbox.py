@@ -47,6 +47,7 @@ class Outbox:
         self.dead = asyncio.Event()  # set when the client stopped reading: drop it now
         self.closing = False
         self.closing_since: float | None = None
+        self.layer_closing_since: float | None = None  # the WebSocket layer began closing the socket
         self.sending_since: float | None = None  # a write in progress (blocked while the client reads nothing)
         self.close_code: int | None = None
         self.close_reason = ""
@@ -97,12 +98,19 @@ class Outbox:
         (called by the connection's watchdog)."""
         if self.dead.is_set():
             return
-        if self.closing_since is None and _transport_closing(self.ws):
-            # The WebSocket layer is closing the socket itself (its keepalive ping timed out): from here
-            # on the close deadlines apply, though no close of ours is queued.
-            self.closing_since = now
+        if self.layer_closing_since is None and _transport_closing(self.ws):
+            # The WebSocket layer is closing the socket itself (its keepalive ping timed out, a protocol
+            # error): from here on the close deadlines apply, though no close of ours is queued.
+            self.layer_closing_since = now
+            if self.closing_since is None:
+                self.closing_since = now
         if self.sending_since is not None and now - self.sending_since > self.send_timeout_s:
             self.drop("send_timeout")
+        elif self.layer_closing_since is not None and now - self.layer_closing_since > CLOSE_DEADLINE_S:
+            # Its graceful close waits for the client to take what is buffered, forever if it reads
+            # nothing; whether or not a write of ours is blocked meanwhile (the writer may be idle,
+            # waiting for the engine), the client is gone.
+            self.drop("close_timeout")
         elif self.closing_since is not None and now - self.closing_since > CLOSE_DEADLINE_S + self.send_timeout_s:
             self.drop("close_timeout")
         elif self.closing_since is not None and self.sending_since is not None:

@@ -216,6 +216,35 @@ def test_send_queue_counts_bytes():
     assert out.dead.is_set() and out.close_reason == "send_queue_overflow"
 
 
+
+def test_layer_close_drops_an_idle_writer():
+    """The WebSocket layer gave up on the client (its keepalive closed the transport, whose graceful close
+    waits for the client to read): the client is dropped CLOSE_DEADLINE_S later even though no write of
+    ours is blocked (the writer waits for the engine), not a send timeout later."""
+    from lfm2audio_server.metrics import Metrics
+    from lfm2audio_server.outbox import CLOSE_DEADLINE_S, Outbox
+
+    class Transport:  # what uvicorn's protocol holds: closing, with data the client never takes
+        def is_closing(self) -> bool:
+            return True
+
+    class Protocol:
+        transport = Transport()
+
+        async def receive(self) -> dict:
+            return {}
+
+    class Socket:  # a starlette WebSocket keeps the protocol's bound receive as _receive
+        _receive = Protocol().receive
+
+    out = Outbox(Socket(), Metrics(), max_bytes=1000, max_messages=100, send_timeout_s=60.0)  # type: ignore[arg-type]
+    out.check_deadlines(100.0)
+    assert not out.dead.is_set()
+    out.check_deadlines(100.0 + CLOSE_DEADLINE_S / 2)
+    assert not out.dead.is_set()
+    out.check_deadlines(100.0 + CLOSE_DEADLINE_S + 0.1)
+    assert out.dead.is_set() and out.close_reason == "close_timeout"
+
 # 7. Echoes are bounded: large strings are refused at a documented size ---------------------------------
 
 
