@@ -207,12 +207,14 @@ def vm_hwm_gb() -> float | None:
 
 
 def weights_gb(model: torch.nn.Module) -> float:
-    """Bytes of the model's parameters and buffers (shared storages counted once)."""
+    """Bytes of the model's parameters and buffers (shared storages counted once), plus the weights
+    that kernels hold packed outside any tensor (``W8A8Linear.packed_bytes``)."""
     seen: dict[int, int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values()) / 1e9
+    packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())
+    return (sum(seen.values()) + packed) / 1e9
 
 
 def synthetic_audio(seconds: float = AUDIO_SECONDS, rate: int = SAMPLE_RATE, seed: int = 0) -> torch.Tensor:

@@ -34,7 +34,8 @@ class LFM2AudioModel(LFM2AudioNetwork):
     ) -> LFM2AudioModel:
         """Load a local folder or a Hub repo (official layout, safetensors only).
 
-        ``quantize="int8"`` or ``"int4"`` (CPU only): weight-only quantized backbone and audio head.
+        ``quantize="int8"`` or ``"int4"`` (CPU only): the backbone and audio head with int8 weights and
+        activations, or int4 weights (see ``lfm2audio.model.quantize``).
         """
         return load_model(
             repo_id_or_path, revision=revision, device=device, dtype=dtype, cls=cls, quantize=quantize  # type: ignore[arg-type]

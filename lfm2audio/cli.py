@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     g.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default bfloat16 on CUDA, else float32")
-    g.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized model and Mimi decoder (CPU)")
+    g.add_argument("--quantize", choices=["int8", "int4"], help="int8 or int4 model, int8 Mimi decoder (CPU)")
     g = common.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=512, help="text tokens + audio frames per turn (default 512)")
     g.add_argument("--system", help="system prompt (default: the mode's prompt)")

@@ -28,6 +28,7 @@ from lfm2audio.model.quantize import (
     quantize_tied_heads,
     quantized_linear,
     quantized_module_names,
+    rotated_input,
 )
 
 N = TypeVar("N", bound=LFM2AudioNetwork)
@@ -209,7 +210,9 @@ def load_into_meta_model(
         module = model.get_submodule(owner)
         if owner in to_quantize and attr == "weight":
             parent, _, child = owner.rpartition(".")
-            new = quantized_linear(tensor, module.bias, quantize, group_size)  # type: ignore[arg-type]
+            new = quantized_linear(  # type: ignore[arg-type]
+                tensor, module.bias, quantize, group_size, rotate=rotated_input(owner)
+            )
             setattr(model.get_submodule(parent) if parent else model, child, new)
             del tensor, new
             release_freed_memory()

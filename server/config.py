@@ -22,7 +22,7 @@ class ServerConfig:
     model: str = DEFAULT_MODEL
     device: str | None = None
     dtype: str | None = None  # float32 | bfloat16 | float16
-    quantize: str | None = None  # int8 | int4 (CPU, weight-only)
+    quantize: str | None = None  # int8 | int4 (CPU only)
     max_sessions: int = 8
     max_context: int = 4096
     prefill_chunk: int = 128
@@ -122,7 +122,7 @@ _OPTIONS = [
     _Opt("--model", "model", str, f"Hub repo id or local folder (default {DEFAULT_MODEL})"),
     _Opt("--device", "device", str, "torch device (default cuda when available, else cpu)"),
     _Opt("--dtype", "dtype", str, "float32 | bfloat16 | float16 (default bfloat16 on CUDA, float32 on CPU)"),
-    _Opt("--quantize", "quantize", str, "int8 | int4: weight-only quantized model and Mimi decoder (CPU only)"),
+    _Opt("--quantize", "quantize", str, "int8 | int4: quantized model and int8 Mimi decoder (CPU only)"),
     _Opt("--host", "host", str, "bind address (default 127.0.0.1)"),
     _Opt("--port", "port", int, "port (default 8000)"),
     _Opt("--max-sessions", "max_sessions", int, "concurrent sessions (engine slots; default 8)"),
