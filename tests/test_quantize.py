@@ -102,6 +102,34 @@ def test_w8a8_rows_are_independent_and_close_to_float():
     assert not any(t.numel() for t in layer.buffers())  # the kernel's packed copy is the only weight
 
 
+@pytest.mark.skipif(not w8a8_available(), reason="needs fbgemm (x86 builds of torch)")
+def test_w8a8_rotated_input_computes_the_same_product():
+    """A rotated layer works on x @ H and W @ H (H block-diagonal Hadamard, orthogonal): the product is
+    the float one within int8 error, a heavy-tailed row loses less than without the rotation, and the
+    loaded model rotates exactly the backbone's gated-product inputs."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(128, 512, generator=g) * 0.02
+    plain, rotated = W8A8Linear.from_float(w), W8A8Linear.from_float(w, rotate=True)
+    assert rotated.rotation is not None and rotated.rotation.shape == (128, 128)
+    assert _rel(rotated.dequantize(), w) < 1e-2
+    x = torch.randn(16, 512, generator=g) * torch.randn(16, 512, generator=g) ** 3  # heavy tails
+    ref = x @ w.T
+    assert _rel(rotated(x), ref) < 0.6 * _rel(plain(x), ref)
+    assert torch.equal(rotated(x[3:4]), rotated(x)[3:4])
+
+
+def test_loaded_int8_model_rotates_the_gated_inputs(checkpoint_dir):
+    model = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
+    if not w8a8_available():
+        pytest.skip("needs fbgemm (x86 builds of torch)")
+    rotated = {n for n, m in model.named_modules() if isinstance(m, W8A8Linear) and m.rotation is not None}
+    layers = model.config.lfm.num_hidden_layers
+    assert {f"lfm.layers.{i}.feed_forward.w2" for i in range(layers)} <= rotated
+    out_projs = {n for n, _ in model.named_modules() if n.startswith("lfm.layers.") and n.endswith(".out_proj")}
+    assert len(out_projs) == layers and out_projs <= rotated  # one per block, conv or attention
+    assert not any(n.startswith("depthformer.") or n.endswith(("w1", "w3", "in_proj")) for n in rotated)
+
+
 def test_int8_falls_back_to_bf16_activations_without_fbgemm(monkeypatch):
     monkeypatch.setattr(quantize, "w8a8_available", lambda: False)
     assert isinstance(int8_linear(torch.randn(32, 64)), Int8Linear)
