@@ -100,10 +100,8 @@ class Outbox:
             return
         if self.layer_closing_since is None and _transport_closing(self.ws):
             # The WebSocket layer is closing the socket itself (its keepalive ping timed out, a protocol
-            # error): from here on the close deadlines apply, though no close of ours is queued.
+            # error), though no close of ours is queued: it gets CLOSE_DEADLINE_S to finish (below).
             self.layer_closing_since = now
-            if self.closing_since is None:
-                self.closing_since = now
         if self.sending_since is not None and now - self.sending_since > self.send_timeout_s:
             self.drop("send_timeout")
         elif self.layer_closing_since is not None and now - self.layer_closing_since > CLOSE_DEADLINE_S:
