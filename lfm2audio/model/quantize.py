@@ -112,7 +112,7 @@ class W8A8Linear(nn.Module):
     2-core AVX-512 machine, the full-size backbone's 90 projections for one row took 20-34 ms
     against 40-51 ms (the packed kernel is memory-bound on one thread, the bf16 one compute-bound).
     Without VNNI the kernel adds byte products in saturating 16-bit pairs, so the activations get
-    7 bits there (``ACT_LEVELS``), as torch's own dynamic quantization does with ``reduce_range``.
+    7 bits there (``act_levels``), as torch's own dynamic quantization does with ``reduce_range``.
 
     ``rotate``: the input is heavy-tailed (a gated product: a row's peak sits far above its bulk, which
     then gets few levels), so the layer works on ``x @ H`` and ``W @ H`` instead, ``H`` a block-diagonal
@@ -135,6 +135,7 @@ class W8A8Linear(nn.Module):
         self.packed_bytes = out_features * (in_features + 8)
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
         self.register_buffer("rotation", rotation, persistent=False)
+        self.levels = act_levels()  # the input grid's steps each side of zero
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None, *, rotate: bool = False) -> W8A8Linear:
@@ -173,7 +174,7 @@ class W8A8Linear(nn.Module):
             x2 = _rotate(x2, self.rotation)
         peak = torch.linalg.vector_norm(x2, _INF, -1, True).clamp_min_(1e-30)  # an all-zero row stays zero
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x2 / peak, 1.0 / ACT_LEVELS, ACT_LEVELS + 1, self.packed
+            x2 / peak, 1.0 / self.levels, self.levels + 1, self.packed
         ).mul_(peak)
         if self.bias is not None:
             y = y.add_(self.bias)
@@ -212,12 +213,15 @@ def _rotate(x: Tensor, rotation: Tensor) -> Tensor:
     return (x.reshape(-1, b) @ rotation).view(x.shape)
 
 
-def _has_vnni() -> bool:
+@functools.cache
+def act_levels() -> int:
+    """Activation steps each side of zero: 127 (8 bits) where the CPU has VNNI, else 63 (7 bits).
+    Read once, when the first W8A8 layer is built, not at import."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
+        return 63
+    return 127 if " avx512_vnni" in flags or " avx_vnni" in flags else 63
 
 
 @functools.cache
@@ -235,7 +239,6 @@ def w8a8_available() -> bool:
 
 
 _INF = float("inf")
-ACT_LEVELS = 127 if _has_vnni() else 63  # activation steps each side of zero: 8 bits with VNNI, else 7
 
 
 def int8_linear(weight: Tensor, bias: Tensor | None = None, *, rotate: bool = False) -> nn.Module:
