@@ -17,7 +17,7 @@ config (~3 GB), then for each dtype runs a FRESH subprocess (so peak RSS is per 
 - real-time factor of an interleaved chat turn (``--cycles`` cycles of 6 text tokens + 12 audio frames, each
   frame decoded by a full-size random-weight streaming Mimi), split into backbone, text head, depthformer
   and Mimi time; RTF = compute time / audio time, the best cycle and the median;
-- with ``--quantize int8,int4``: the same for each weight-only quantized model (float32 activations), and
+- with ``--quantize int8,int4``: the same for each quantized model (``lfm2audio.model.quantize``), and
   its quality against float32 on a teacher-forced stream of ``--quality-positions`` positions (the float32
   model's greedy interleaved stream after the turn-1 prompt, fed to both; see
   ``lfm2audio.model.quantize_eval``): per-layer and final-logit cosine similarity, relative error, top-1
