@@ -116,8 +116,8 @@ class W8A8Linear(nn.Module):
     which costs too much accuracy (a tiny model's hidden states drift twice as far as with 8 bits).
     There each row is fed twice in the same call: its 7-bit value, and what that left over, scaled
     up to fill the grid again (``residual``). The weights are read once for both, so one row costs
-    ~7% more (the kernel is memory-bound), many rows twice the integer arithmetic; the input then
-    has about 13 bits.
+    7-13% more (measured on a 2-core Zen 3: the kernel is memory-bound), many rows twice the integer
+    arithmetic; the input then has about 13 bits.
 
     ``rotate``: the input is heavy-tailed (a gated product: a row's peak sits far above its bulk, which
     then gets few levels), so the layer works on ``x @ H`` and ``W @ H`` instead, ``H`` a block-diagonal
