@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,3 +327,23 @@ def test_cli_quantize_flag():
     assert args.quantize == "int4"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["asr", "--quantize", "int3", "x.wav"])
+
+
+def test_kernel_bench_quick_run_compares_every_kernel_with_float32(tmp_path):
+    # bench/bench_quant_kernels.py: each kernel --quantize can use here runs, and its output is close to float32.
+    out = tmp_path / "kernels.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_quant_kernels.py"
+    cmd = [sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| threads | layer | rows |" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    worst: dict[str, float] = {}
+    for r in results:
+        assert r["ms"] > 0 and r["copies"] >= 1
+        worst[r["kernel"]] = max(worst.get(r["kernel"], 0.0), r["rel_error"])
+    expected = {"float32", "bfloat16", "int8wo", "int4"} | ({"w8a8"} if w8a8_available() else set())
+    assert set(worst) == expected
+    assert worst["float32"] < 1e-6 and worst["bfloat16"] < 0.01
+    assert worst["int8wo"] < 0.02 and worst.get("w8a8", 0.0) < 0.02
+    assert 0.02 < worst["int4"] < 0.2  # ~0.1 for min/max int4 of a Gaussian weight: visibly coarser than int8
