@@ -36,6 +36,9 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_model import weights_gb  # noqa: E402
 
 from lfm2audio.model.quantize import (  # noqa: E402
     DEFAULT_GROUP_SIZE,
@@ -73,23 +76,22 @@ def last_level_cache_bytes() -> int:
 
 def build(kernel: str, weight: Tensor) -> tuple[Callable[[Tensor], Tensor], int]:
     """The layer as a callable on float32 rows, and the bytes of weight it reads per call."""
-    out_f, in_f = weight.shape
     if kernel == "float32":
         w = weight.clone()
-        return (lambda x: F.linear(x, w)), w.numel() * 4
+        return (lambda x: F.linear(x, w)), w.nbytes
     if kernel == "bfloat16":
         wb = weight.to(torch.bfloat16)
-        return (lambda x: F.linear(x.to(torch.bfloat16), wb).float()), wb.numel() * 2
-    if kernel == "w8a8":
-        layer = W8A8Linear.from_float(weight)
-        return layer, layer.packed_bytes
-    if kernel == "int8wo":
-        layer = Int8Linear.from_float(weight)
-        return layer, out_f * in_f + out_f * 2
-    if kernel == "int4":
-        layer = Int4Linear.from_float(weight, DEFAULT_GROUP_SIZE)
-        return layer, out_f * in_f // 2 + (in_f // DEFAULT_GROUP_SIZE) * out_f * 4
-    raise ValueError(kernel)
+        return (lambda x: F.linear(x.to(torch.bfloat16), wb).float()), wb.nbytes
+    layers = {
+        "w8a8": lambda: W8A8Linear.from_float(weight),
+        "int8wo": lambda: Int8Linear.from_float(weight),
+        "int4": lambda: Int4Linear.from_float(weight, DEFAULT_GROUP_SIZE),
+    }
+    if kernel not in layers:
+        raise ValueError(kernel)
+    layer = layers[kernel]()
+    # What the layer holds (its buffers and any packed copy), counted as bench_model counts a model's weights.
+    return layer, round(weights_gb(layer) * 1e9)
 
 
 def measure(kernel: str, weight: Tensor, x: Tensor, cache_bytes: int, seconds: float) -> dict:
