@@ -444,3 +444,30 @@ def test_gathered_audio_rows_that_do_not_advance_keep_their_state(proc):
         expected, _ = proc.mimi.decode_step(codes[1:2], lone)
         torch.testing.assert_close(pcm[0], expected[0, :1920].float(), atol=1e-5, rtol=0)
         torch.testing.assert_close(dec.state.packed[1], lone.packed[0], atol=1e-5, rtol=0)  # batched rounding
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not os.path.isdir("/proc/self/task"), reason="OpenMP teams of a CPU build")
+def test_building_an_engine_leaves_no_thread_team_on_the_caller(checkpoint_dir):
+    """Engine() on a thread with 2 intra-op threads starts no OpenMP worker there: such a team would
+    slow every parallel op of the engine thread (lfm2audio.engine.cpu_tuning). A fresh process, since
+    this one's threads have teams already."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from lfm2audio import LFM2AudioModel, LFM2AudioProcessor\n"
+        "from lfm2audio.engine import Engine, EngineConfig\n"
+        "from lfm2audio.engine.cpu_tuning import load_without_team\n"
+        "model = load_without_team(LFM2AudioModel.from_pretrained, sys.argv[1], device='cpu')\n"
+        "proc = load_without_team(LFM2AudioProcessor.from_pretrained, sys.argv[1], device='cpu')\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "Engine(model, proc, EngineConfig(max_sessions=64, max_context=4096))\n"
+        "print(before, len(os.listdir('/proc/self/task')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(checkpoint_dir)], capture_output=True, text=True, timeout=300, check=True
+    )
+    before, after = map(int, out.stdout.split())
+    assert after == before, f"Engine() left {after - before} more thread(s) on the calling thread's team"

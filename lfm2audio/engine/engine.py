@@ -49,9 +49,9 @@ import torch
 from torch import Tensor
 
 from lfm2audio.audio_model import LFM2AudioModel
-from lfm2audio.engine.audio_out import make_audio_decoder
+from lfm2audio.engine.audio_out import SlotAudioDecoder, make_audio_decoder
 from lfm2audio.engine.config import DEFAULT_SAMPLING, EngineConfig, SessionConfig
-from lfm2audio.engine.cpu_tuning import retain_freed_memory, use_threads_here
+from lfm2audio.engine.cpu_tuning import call_in_thread, retain_freed_memory, use_threads_here
 from lfm2audio.engine.events import (
     PoolFullError,
     ResponseDone,
@@ -64,6 +64,7 @@ from lfm2audio.engine.session import AddTurn, DeleteItem, HistoryEdit, Session, 
 from lfm2audio.engine.slot_state import PreparedRequest, ResponseState, SlotState, final_stats, on_audio, on_text
 from lfm2audio.engine.step import BatchStep, StepResult
 from lfm2audio.generation import TurnDecoder
+from lfm2audio.model.lfm2 import LFM2Cache
 from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
 from lfm2audio.processor import LFM2AudioProcessor
 from lfm2audio.sampling import row_top_k
@@ -81,14 +82,23 @@ class Engine:
         self.processor = processor
         self.config = config or EngineConfig()
         cfg = self.config
-        if model.device.type == "cpu":
-            retain_freed_memory()  # a CPU step's large temporaries would otherwise fault in fresh pages
-        self.cache = model.lfm.new_cache(cfg.max_sessions, cfg.max_context)
-        self.audio = make_audio_decoder(processor, cfg.audio_decoder, cfg.max_sessions)
         graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else model.device.type == "cuda"
         if graphs and model.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
-        self.batch = BatchStep(model, self.cache, self.audio, cuda_graphs=graphs, bucketed=cfg.bucketed_rows)
+
+        def build() -> tuple[LFM2Cache, SlotAudioDecoder, BatchStep]:
+            cache = model.lfm.new_cache(cfg.max_sessions, cfg.max_context)
+            audio = make_audio_decoder(processor, cfg.audio_decoder, cfg.max_sessions)
+            return cache, audio, BatchStep(model, cache, audio, cuda_graphs=graphs, bucketed=cfg.bucketed_rows)
+
+        if model.device.type == "cpu":
+            retain_freed_memory()  # a CPU step's large temporaries would otherwise fault in fresh pages
+            # Filling the preallocated state here, with more than one intra-op thread, would leave an
+            # OpenMP team on the caller's thread, and that slows every parallel op of the engine thread
+            # for good (cpu_tuning): 1.7-2.2x per step on a 2-core Xeon. Built on a one-thread helper.
+            self.cache, self.audio, self.batch = call_in_thread(1, build)
+        else:
+            self.cache, self.audio, self.batch = build()
         self.prompts = PromptBuilder(model, processor, cfg.max_context)
         # _slots is the engine thread's; _owners is the callers' view of which slots are taken (under
         # _lock): a closed session's slot is free for open_session at once, while the engine thread
