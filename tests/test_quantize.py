@@ -80,6 +80,19 @@ def test_int4_roundtrip_and_matmul():
     assert _rel(layer(x), x @ w.T) < 0.2  # 16 levels per group: ~10% weight noise
 
 
+def test_int4_packed_a_block_of_rows_at_a_time_is_the_whole_packing():
+    """pack_int4 packs blocks of rows apart (to keep loading's peak memory down): the same bytes and
+    scales as packing the whole weight's codes, with a last block shorter than the others, from
+    float32 or bfloat16 weights."""
+    g = torch.Generator().manual_seed(2)
+    for rows, dtype in ((4096 + 80, torch.float32), (1040, torch.bfloat16)):
+        w = (torch.randn(rows, 1024, generator=g) * 0.02).to(dtype)
+        q, sz = quantize_int4(w, 128)
+        packed, sz_blocks = quantize.pack_int4(w, 128)
+        assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        assert torch.equal(sz_blocks, sz)
+
+
 def test_int4_falls_back_to_int8_where_the_kernel_cannot():
     w = torch.randn(2049, 64) * 0.02  # the kernel needs out % 16 == 0 (a codebook head has 2049 rows)
     assert isinstance(quantized_linear(w, None, "int4"), MODEL_INT8)

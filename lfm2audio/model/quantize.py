@@ -298,8 +298,7 @@ class Int4Linear(nn.Module):
     def from_float(cls, weight: Tensor, group_size: int, bias: Tensor | None = None) -> Int4Linear:
         out_features, in_features = weight.shape
         mod = cls(in_features, out_features, group_size, bias)
-        q, mod.scales_and_zeros = quantize_int4(weight, group_size)
-        mod.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # inner_k_tiles: ignored on CPU
+        mod.weight, mod.scales_and_zeros = pack_int4(weight, group_size)
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
@@ -317,10 +316,11 @@ def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     return out_features % 16 == 0 and in_features % group_size == 0 and group_size % 2 == 0
 
 
-def _row_blocks(weight: Tensor, max_bytes: int = 32 << 20) -> list[Tensor]:
-    """``weight`` split into blocks of rows of at most ``max_bytes`` in float32, so that quantizing
-    a 65536-row table never holds several float copies of it (peak memory while loading)."""
+def _row_blocks(weight: Tensor, max_bytes: int = 32 << 20, multiple: int = 1) -> list[Tensor]:
+    """``weight`` split into blocks of rows (a multiple of ``multiple``) of at most ``max_bytes`` in float32,
+    so that quantizing a 65536-row table never holds several float copies of it (peak memory while loading)."""
     rows = max(1, max_bytes // (4 * weight.shape[1]))
+    rows = max(multiple, rows - rows % multiple)
     return list(weight.split(rows))
 
 
@@ -346,21 +346,66 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     Each group's [min, max] is spread over the 16 levels; weight ~= (q - 8) * scale + zero.
     """
     out_features, in_features = weight.shape
-    groups = in_features // group_size
     q = torch.empty(weight.shape, dtype=torch.int32, device=weight.device)
-    sz = torch.empty((groups, out_features, 2), dtype=_ACT, device=weight.device)
+    sz = torch.empty((in_features // group_size, out_features, 2), dtype=_ACT, device=weight.device)
     start = 0
     for block in _row_blocks(weight):
         n = block.shape[0]
-        w = block.float().reshape(n, groups, group_size)
-        lo, hi = w.amin(-1), w.amax(-1)
-        scales = ((hi - lo) / 15).clamp(min=1e-12).to(_ACT).float()
-        zeros = (lo + 8 * scales).to(_ACT).float()
-        qb = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp_(0, 15)
-        q[start : start + n] = qb.reshape(n, in_features)
-        sz[:, start : start + n] = torch.stack([scales, zeros], -1).transpose(0, 1)
+        q[start : start + n], sz[:, start : start + n] = _int4_block(block, group_size)
         start += n
     return q, sz
+
+
+def _int4_block(block: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """``quantize_int4`` of one block of rows (n, in): int32 q (n, in) and scales_and_zeros (groups, n, 2)."""
+    n, in_features = block.shape
+    w = block.to(torch.float32, copy=True).reshape(n, in_features // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-12).to(_ACT).float()
+    zeros = (lo + 8 * scales).to(_ACT).float()
+    q = w.sub_(zeros[..., None]).div_(scales[..., None]).add_(8).round_().clamp_(0, 15)  # in place: one copy
+    return q.reshape(n, in_features).to(torch.int32), torch.stack([scales, zeros], -1).transpose(0, 1)
+
+
+INT4_PACK_ROWS = 64  # the CPU int4 layout packs blocks of 64 output rows (int4_packs_by_rows checks it)
+
+
+def _pack_int4(q: Tensor) -> Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)  # inner_k_tiles: ignored on CPU
+
+
+@functools.cache
+def int4_packs_by_rows() -> bool:
+    """Whether packing blocks of ``INT4_PACK_ROWS`` rows apart (a shorter last one included) gives the
+    whole weight's packing, so that a layer never holds its full int32 codes while loading."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (2 * INT4_PACK_ROWS + 16, 64), dtype=torch.int32, generator=gen)
+    whole = _pack_int4(q)
+    return torch.equal(whole, torch.cat([_pack_int4(b) for b in q.split(INT4_PACK_ROWS)]))
+
+
+def pack_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(the CPU kernel's packed uint8 weight, bf16 scales_and_zeros) of a float ``weight`` (out, in):
+    ``quantize_int4`` then packed, a block of rows at a time where the layout allows (peak memory
+    while loading: a whole 8192x2048 layer's int32 codes are 67 MB)."""
+    if not int4_packs_by_rows():
+        q, sz = quantize_int4(weight, group_size)
+        return _pack_int4(q), sz
+    out_features, in_features = weight.shape
+    packed: Tensor | None = None
+    sz = torch.empty((in_features // group_size, out_features, 2), dtype=_ACT, device=weight.device)
+    start = 0
+    for block in _row_blocks(weight, 8 << 20, INT4_PACK_ROWS):
+        q, sz_block = _int4_block(block, group_size)
+        part = _pack_int4(q)
+        if packed is None:
+            packed = torch.empty((out_features, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        n = block.shape[0]
+        packed[start : start + n] = part
+        sz[:, start : start + n] = sz_block
+        start += n
+    assert packed is not None
+    return packed, sz
 
 
 def int4_group(in_features: int, group_size: int) -> int:
