@@ -46,7 +46,8 @@ class EngineConfig:
     bucketed_rows: bool = False
     # torch intra-op threads of the engine thread (None: what torch gives new threads). Only that thread
     # changes. Under OpenMP, more than 1 is slowed 2-3x when another thread that ran torch ops (the one
-    # that loaded the model) still has its team: load with cpu_tuning.load_without_team, as the server does.
+    # that loaded the model) still has its team: load with cpu_tuning.load_without_team, as the server does
+    # (Engine() builds its own state that way).
     threads: int | None = None
     # torch intra-op threads of the prepare thread (mel features, the audio encoder), which works beside the
     # engine thread: 1 by default. With torch's count, bursts of turns under load waited on its thread team

@@ -148,3 +148,19 @@ def test_session_update_semantics():
     s3, errors = apply_session_update(s, big.session, max_output_tokens_cap=100)
     assert [e.param for e in errors] == ["session.max_output_tokens"]
     assert s3.max_output_tokens == s.max_output_tokens and s3.instructions == "x"
+
+
+def test_the_server_engine_load_leaves_its_objects_out_of_the_collectors_sight(checkpoint_dir):
+    """default_engine_factory freezes what loading left alive (imports, modules, tokenizer), so that a
+    full collection, which holds the GIL and so stalls the engine thread, does not rescan it."""
+    import gc
+
+    from lfm2audio_server.app import default_engine_factory
+
+    frozen = gc.get_freeze_count()
+    try:
+        engine = default_engine_factory(ServerConfig(model=str(checkpoint_dir), device="cpu", max_sessions=2))
+        assert gc.get_freeze_count() > frozen + 1000
+        assert engine.max_sessions == 2
+    finally:
+        gc.unfreeze()
