@@ -130,7 +130,7 @@ _OPTIONS = [
     _Opt("--prefill-chunk", "prefill_chunk", int, "positions prefilled per engine step (default 128)"),
     _Opt("--audio-decoder", "audio_decoder", str, "auto | mimi | detokenizer (default auto)"),
     _Opt("--workers", "workers", int, "API worker processes beside an engine process (default 0: one process)"),
-    _Opt("--threads", "threads", int, "torch threads of the engine thread (default 0: torch's; 1 often best on CPU)"),
+    _Opt("--threads", "threads", int, "torch threads of the engine thread (default 0: torch's, the core count)"),
     _Opt("--no-warmup", "warmup", "false", "skip the warm-up turn before /ready reports ready"),
     _Opt("--api-key", "api_keys", "list", "accepted API key (repeatable; env: comma-separated)"),
     _Opt("--api-key-file", "api_key_file", "file", "file of accepted API keys, one per line (# comments)"),
