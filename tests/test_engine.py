@@ -448,9 +448,9 @@ def test_gathered_audio_rows_that_do_not_advance_keep_their_state(proc):
 
 @pytest.mark.skipif(DEVICE.type != "cpu" or not os.path.isdir("/proc/self/task"), reason="OpenMP teams of a CPU build")
 def test_building_an_engine_leaves_no_thread_team_on_the_caller(checkpoint_dir):
-    """Engine() on a thread with 2 intra-op threads starts no OpenMP worker there: such a team would
-    slow every parallel op of the engine thread (lfm2audio.engine.cpu_tuning). A fresh process, since
-    this one's threads have teams already."""
+    """Engine() and Engine.from_pretrained on a thread with 2 intra-op threads start no OpenMP worker
+    there: such a team would slow every parallel op of the engine thread (lfm2audio.engine.cpu_tuning).
+    A fresh process, since this one's threads have teams already."""
     import subprocess
     import sys
 
@@ -464,10 +464,13 @@ def test_building_an_engine_leaves_no_thread_team_on_the_caller(checkpoint_dir):
         "proc = load_without_team(LFM2AudioProcessor.from_pretrained, sys.argv[1], device='cpu')\n"
         "before = len(os.listdir('/proc/self/task'))\n"
         "Engine(model, proc, EngineConfig(max_sessions=64, max_context=4096))\n"
-        "print(before, len(os.listdir('/proc/self/task')))\n"
+        "built = len(os.listdir('/proc/self/task'))\n"
+        "Engine.from_pretrained(sys.argv[1], device='cpu', config=EngineConfig(max_sessions=64))\n"
+        "print(before, built, len(os.listdir('/proc/self/task')))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(checkpoint_dir)], capture_output=True, text=True, timeout=300, check=True
     )
-    before, after = map(int, out.stdout.split())
-    assert after == before, f"Engine() left {after - before} more thread(s) on the calling thread's team"
+    before, built, loaded = map(int, out.stdout.split())
+    assert built == before, f"Engine() left {built - before} more thread(s) on the calling thread's team"
+    assert loaded == before, f"Engine.from_pretrained left {loaded - before} more thread(s) on the caller's team"

@@ -64,6 +64,7 @@ from lfm2audio.engine.session import AddTurn, DeleteItem, HistoryEdit, Session, 
 from lfm2audio.engine.slot_state import PreparedRequest, ResponseState, SlotState, final_stats, on_audio, on_text
 from lfm2audio.engine.step import BatchStep, StepResult
 from lfm2audio.generation import TurnDecoder
+from lfm2audio.loading import default_device
 from lfm2audio.model.lfm2 import LFM2Cache
 from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
 from lfm2audio.processor import LFM2AudioProcessor
@@ -126,9 +127,16 @@ class Engine:
         dtype: torch.dtype | None = None,
         config: EngineConfig | None = None,
     ) -> Engine:
-        lfm = LFM2AudioModel.from_pretrained(model, device=device, dtype=dtype)
-        proc = LFM2AudioProcessor.from_pretrained(model, device=lfm.device)
-        return cls(lfm, proc, config)
+        dev = default_device(device)
+
+        def load() -> Engine:
+            lfm = LFM2AudioModel.from_pretrained(model, device=dev, dtype=dtype)
+            proc = LFM2AudioProcessor.from_pretrained(model, device=lfm.device)
+            return cls(lfm, proc, config)
+
+        # On a CPU, loaded on a one-thread helper: loading here would leave the caller's thread an
+        # OpenMP team, which slows the engine thread as __init__ says.
+        return call_in_thread(1, load) if dev.type == "cpu" else load()
 
     # Lifecycle ------------------------------------------------------------------------
 
