@@ -30,10 +30,9 @@ after the model was loaded on the main thread, against 10 ms on the main
 thread, or on its own thread when the model was loaded by a thread running one
 intra-op thread (which leaves no team behind): ``load_without_team(fn)`` loads
 that way (so does ``Engine.from_pretrained``), and ``Engine()`` fills its
-preallocated state that way too. On a
-2-core Xeon (AVX-512) an engine built on the main thread stepped 1.7-2.2x
-slower for its whole life. With 1 intra-op thread the engine thread is never
-slowed.
+preallocated state that way too. On a 2-core Xeon (AVX-512) an engine built on
+the main thread stepped 1.7-2.2x slower for its whole life. With 1 intra-op
+thread the engine thread is never slowed.
 """
 
 from __future__ import annotations
