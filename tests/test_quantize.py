@@ -91,7 +91,7 @@ def test_int4_packed_a_block_of_rows_at_a_time_is_the_whole_packing():
         q, sz = quantize_int4(w, 128)
         packed, sz_blocks = quantize.pack_int4(w, 128)
         assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        assert torch.equal(sz_blocks, sz)
+        assert torch.equal(sz_blocks, sz) and sz_blocks.dtype == sz.dtype  # equal() compares values only
 
 
 def test_int4_falls_back_to_int8_where_the_kernel_cannot():

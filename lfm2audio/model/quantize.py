@@ -389,21 +389,11 @@ def pack_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     if not int4_packs_by_rows():
         q, sz = quantize_int4(weight, group_size)
         return _pack_int4(q), sz
-    out_features, in_features = weight.shape
-    packed: Tensor | None = None
-    sz = torch.empty((in_features // group_size, out_features, 2), dtype=_ACT, device=weight.device)
-    start = 0
-    for block in _row_blocks(weight, 8 << 20, INT4_PACK_ROWS):
-        q, sz_block = _int4_block(block, group_size)
-        part = _pack_int4(q)
-        if packed is None:
-            packed = torch.empty((out_features, *part.shape[1:]), dtype=part.dtype, device=part.device)
-        n = block.shape[0]
-        packed[start : start + n] = part
-        sz[:, start : start + n] = sz_block
-        start += n
-    assert packed is not None
-    return packed, sz
+    # Each block's int32 codes are packed (a byte per two weights) and dropped before the next block's
+    # are made; joining the packed parts costs little beside them.
+    blocks = (_int4_block(block, group_size) for block in _row_blocks(weight, 8 << 20, INT4_PACK_ROWS))
+    parts = [(_pack_int4(q), sz) for q, sz in blocks]
+    return torch.cat([p for p, _ in parts]), torch.cat([sz for _, sz in parts], 1).to(_ACT)
 
 
 def int4_group(in_features: int, group_size: int) -> int:
