@@ -133,29 +133,37 @@ class MimiCodec(nn.Module):
     # Incremental decode / encode -------------------------------------------------------------
 
     @torch.no_grad()
-    def decode_chunk(self, codes: Tensor, state: MimiDecoderState) -> tuple[Tensor, MimiDecoderState]:
+    def decode_chunk(
+        self, codes: Tensor, state: MimiDecoderState, *, check: bool = True
+    ) -> tuple[Tensor, MimiDecoderState]:
         """The next ``n`` frames of codes (B, K, n) of every row -> pcm (B, n * frame_size).
 
-        ``state`` is updated in place and returned."""
-        emb = self.decode_latent_chunk(codes, state)
+        ``state`` is updated in place and returned. ``check=False``: see ``decode_latent_chunk``."""
+        emb = self.decode_latent_chunk(codes, state, check=check)
         pcm = self.decoder.step(emb, iter(state.decoder))  # (B, n * frame_size, 1)
         return pcm.reshape(pcm.shape[0], -1), state
 
     @torch.no_grad()
-    def decode_latent_chunk(self, codes: Tensor, state: MimiDecoderState) -> Tensor:
+    def decode_latent_chunk(self, codes: Tensor, state: MimiDecoderState, *, check: bool = True) -> Tensor:
         """The 25 Hz half of ``decode_chunk``: codes (B, K, n) -> the SEANet decoder's input
         (B, n * stride, dimension). Updates the upsampler and transformer parts of ``state``;
-        ``decoder.step(latent, iter(state.decoder))`` finishes the frames (see ``decode_chunk``)."""
+        ``decoder.step(latent, iter(state.decoder))`` finishes the frames (see ``decode_chunk``).
+
+        ``check=False`` skips validating the codes' values (a device-to-host read: the engine's
+        step, captured as a CUDA graph, clamps them instead); an out-of-range code then reads
+        another codebook's row."""
         codes = _check_codes(codes, 3)
         if codes.shape[0] != state.batch_size:
             raise ValueError(f"codes batch {codes.shape[0]} != state batch {state.batch_size}")
-        emb = self.quantizer.decode(codes)  # (B, n, C)
+        emb = self.quantizer.decode(codes, check=check)  # (B, n, C)
         emb = self.upsample.convtr.step(emb, iter([state.upsample]))
         return self.decoder_transformer.step(emb, state.transformer)
 
-    def decode_step(self, codes: Tensor, state: MimiDecoderState) -> tuple[Tensor, MimiDecoderState]:
+    def decode_step(
+        self, codes: Tensor, state: MimiDecoderState, *, check: bool = True
+    ) -> tuple[Tensor, MimiDecoderState]:
         """One frame of codes (B, K) of every row -> pcm (B, frame_size); ``state`` is updated in place."""
-        return self.decode_chunk(_check_codes(codes, 2)[:, :, None], state)
+        return self.decode_chunk(_check_codes(codes, 2)[:, :, None], state, check=check)
 
     @torch.no_grad()
     def encode_latent_chunk(self, pcm: Tensor, state: MimiEncoderState) -> tuple[Tensor, MimiEncoderState]:

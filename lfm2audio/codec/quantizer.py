@@ -126,13 +126,14 @@ class SplitResidualVQ(nn.Module):
                     residual = residual - F.embedding(idx, table)
         return torch.stack(codes, dim=1).view(B, T, k_total).transpose(1, 2)
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """Codes (B, K, T) -> latent (B, T, C)."""
+    def decode(self, codes: Tensor, *, check: bool = True) -> Tensor:
+        """Codes (B, K, T) -> latent (B, T, C). ``check=False`` skips the range check of the codes (a
+        device-to-host read, which a CUDA graph cannot hold): for callers that clamp them first."""
         B, K, T = codes.shape
         self._check_levels(K)
         tables = self.codebooks
         bins, dim = tables.shape[1:]
-        if codes.numel() and bool(((codes < 0) | (codes >= bins)).any()):
+        if check and codes.numel() and bool(((codes < 0) | (codes >= bins)).any()):
             # Checked: with the stacked table an out-of-range code would silently read the next level.
             raise ValueError(f"codes must lie in [0, {bins - 1}] (the end-of-audio code {bins} cannot be decoded)")
         # One lookup for all levels: level k's code c is row k * bins + c of the stacked table.

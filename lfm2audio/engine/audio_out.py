@@ -54,13 +54,13 @@ class SlotAudioDecoder:
         saved = [t.clone() for t in guarded]
         if gather:
             assert isinstance(self.codec, MimiCodec) and isinstance(view, MimiDecoderState)
-            latent = self.codec.decode_latent_chunk(codes[:, :, None], view)
+            latent = self.codec.decode_latent_chunk(codes[:, :, None], view, check=False)  # clamped above
             seanet = view.seanet.index_select(0, rows)  # the rows' SEANet state, stepped in place
             pcm = self.codec.decoder.step(latent.index_select(0, rows), iter(view.seanet_views(seanet)))
             kept = advance.index_select(0, rows)
             view.seanet.index_copy_(0, rows, _where_rows(kept, seanet, view.seanet.index_select(0, rows)))
         elif isinstance(self.codec, MimiCodec):
-            pcm, _ = self.codec.decode_step(codes, view)  # type: ignore[arg-type]
+            pcm, _ = self.codec.decode_step(codes, view, check=False)  # type: ignore[arg-type]
         else:
             pcm, _ = self.codec.decode_step(codes, view, check=False)  # type: ignore[arg-type]
         for t, s in zip(guarded, saved, strict=True):
