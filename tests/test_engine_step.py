@@ -14,7 +14,7 @@ import torch
 
 from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
 from lfm2audio.engine.audio_out import make_audio_decoder
-from lfm2audio.engine.step import BatchStep
+from lfm2audio.engine.step import BatchStep, buckets
 
 
 @pytest.mark.parametrize("decoder", ["mimi", "detokenizer"])
@@ -40,3 +40,9 @@ def test_the_captured_step_body_has_no_host_reads(checkpoint_dir, decoder):
     if decoder == "mimi":
         with torch.inference_mode(), pytest.raises(RuntimeError, match="meta"):
             codec.decode_step(torch.zeros(rows, C, dtype=torch.long, device="meta"), audio.state)
+
+
+def test_buckets_are_powers_of_two_up_to_the_slot_count():
+    assert buckets(1) == [1] and buckets(2) == [1, 2] and buckets(8) == [1, 2, 4, 8]
+    assert buckets(3) == [1, 2, 3]  # a bucket of 4 would index a fourth slot that does not exist
+    assert buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]

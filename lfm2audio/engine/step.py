@@ -43,11 +43,12 @@ from lfm2audio.tokens import END_OF_AUDIO, SAMPLES_PER_FRAME
 
 
 def buckets(max_rows: int) -> list[int]:
-    """Batch-size buckets 1, 2, 4, ... up to the first >= ``max_rows``."""
+    """Batch-size buckets: 1, 2, 4, ... below ``max_rows``, then ``max_rows`` itself (the slot count:
+    a bucket is a prefix of the slots, and there are no rows beyond them to pad into)."""
     out = [1]
-    while out[-1] < max_rows:
+    while out[-1] * 2 < max_rows:
         out.append(out[-1] * 2)
-    return out
+    return out + [max_rows] if max_rows > 1 else out
 
 
 @dataclass
