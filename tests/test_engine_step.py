@@ -9,6 +9,8 @@ none, without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,6 +42,42 @@ def test_the_captured_step_body_has_no_host_reads(checkpoint_dir, decoder):
     if decoder == "mimi":
         with torch.inference_mode(), pytest.raises(RuntimeError, match="meta"):
             codec.decode_step(torch.zeros(rows, C, dtype=torch.long, device="meta"), audio.state)
+
+
+def _state_tensors(obj, path: str = "step", found: dict | None = None) -> dict[str, tuple[int, int]]:
+    """Every tensor the step keeps between calls (its buffers, the cache, the decoder state), by path:
+    (object id, storage address)."""
+    found = {} if found is None else found
+    if isinstance(obj, torch.Tensor):
+        found[path] = (id(obj), obj.data_ptr())
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _state_tensors(v, f"{path}[{i}]", found)
+    elif dataclasses.is_dataclass(obj) or type(obj).__module__.startswith("lfm2audio.engine"):
+        for name, v in vars(obj).items():
+            if not isinstance(v, torch.nn.Module):  # the model and codec: weights, not state
+                _state_tensors(v, f"{path}.{name}", found)
+    return found
+
+
+@pytest.mark.parametrize("decoder", ["mimi", "detokenizer"])
+def test_the_step_updates_its_state_in_place(checkpoint_dir, decoder):
+    """A CUDA graph replays into the buffers it captured: a step that rebinds a state tensor to a new one
+    (instead of writing into it) would have its graph update a tensor the engine no longer reads."""
+    model = LFM2AudioModel.from_pretrained(checkpoint_dir, dtype=torch.float32)
+    proc = LFM2AudioProcessor.from_pretrained(checkpoint_dir)
+    rows = 4
+    step = BatchStep(model, model.lfm.new_cache(rows, 32), make_audio_decoder(proc, decoder, rows),
+                     cuda_graphs=False, bucketed=True)  # fmt: skip
+    # Every row fed; rows 0 and 3 sample text, 1 and 2 audio.
+    meta = torch.tensor([1] * rows + [0] * rows + [0, 1, 2, 3] * 2 + [1, 0, 0, 1] + [0, 1, 1, 0])
+    hidden = model.config.lfm.hidden_size
+    before = _state_tensors(step)
+    assert len(before) > 20 and any(".cache." in k for k in before) and any(".audio.state." in k for k in before)
+    with torch.inference_mode():
+        for _ in range(3):
+            step._compute(rows, rows, rows, rows, step.cache.max_len + 1, meta, torch.zeros(rows, hidden))
+    assert _state_tensors(step) == before
 
 
 def test_buckets_are_powers_of_two_up_to_the_slot_count():
