@@ -211,6 +211,17 @@ def main() -> None:
         capacity = [int(x) for x in args.capacity.split(",")]
         steps, seconds, tokens = args.steps, args.seconds, 120
     t_start = time.monotonic()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = {"device": name, "dtype": str(dtype), "audio_decoder": args.audio_decoder}
+    result["torch"] = torch.__version__
+
+    def save(**parts) -> None:
+        # After every part: a run stopped at its time limit still leaves what it measured.
+        result.update(parts)
+        out.write_text(json.dumps(result, indent=2))
+
     model = random_model(config, device, dtype)
     proc = random_processor(args.audio_decoder, not args.dry_run, device)
     modes = [False] if device.type != "cuda" else [False, True]
@@ -222,19 +233,22 @@ def main() -> None:
             row["graphs_ms" if graphs else "eager_ms"] = step_times(model, proc, n, graphs, steps, device)
         table.append(row)
         print(json.dumps(row), flush=True)
+        save(steps=table)
     best_graphs = modes[-1]
     single = single_session(model, proc, best_graphs, tokens)
     print(json.dumps({"single_session": single}), flush=True)
+    save(single_session=single)
     levels = []
     for n in capacity:
         level = real_time_at(model, proc, n, best_graphs, seconds)
         levels.append(level)
         print(json.dumps(level), flush=True)
+        passing = [lv["sessions"] for lv in levels if lv["real_time"]]
+        save(capacity=levels, max_real_time_sessions=max(passing) if passing else 0)
         if not level["real_time"]:
             break
     passing = [lv["sessions"] for lv in levels if lv["real_time"]]
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(f"\nbench_gpu: {name}, {dtype}, {args.audio_decoder} decoder, torch {torch.__version__}")
     print("| sessions | eager ms/step | CUDA graphs ms/step |")
     print("|---:|---:|---:|")
@@ -244,13 +258,7 @@ def main() -> None:
     print(f"single session: time to first audio {single['ttfa_ms']:.0f} ms, RTF {single['rtf']:.3f}")
     print(f"real-time chat sessions (each >= {FRAME_RATE} frames/s): {max(passing) if passing else 0}")
     print(f"({time.monotonic() - t_start:.0f} s)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "device": name, "dtype": str(dtype), "audio_decoder": args.audio_decoder, "torch": torch.__version__,
-        "steps": table, "single_session": single, "capacity": levels,
-        "max_real_time_sessions": max(passing) if passing else 0,
-    }, indent=2))  # fmt: skip
+    save(seconds=time.monotonic() - t_start)
     print(f"wrote {out}")
 
 
