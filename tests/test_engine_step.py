@@ -1,10 +1,10 @@
-"""The step body a CUDA graph captures reads nothing back from the device, checked on the CPU.
+"""What the engine's CUDA graphs depend on, checked on the CPU (no GPU has run them yet).
 
-A host read inside the captured step (``.item()``, ``bool(tensor)``, ``nonzero``, a data-dependent
-shape) makes ``torch.cuda.graph`` fail at start-up, or, for a read made before the capture, fixes a
-value the replays then never update. On the meta device every such read raises, so running the
-bucketed step body there (the model, its caches and the audio decoder all on meta) proves it has
-none, without a GPU.
+- No host reads in the captured step: a read (``.item()``, ``bool(tensor)``, ``nonzero``, a
+  data-dependent shape) makes ``torch.cuda.graph`` fail at start-up. On the meta device every such
+  read raises, so the bucketed step body runs there (model, caches and audio decoder all on meta).
+- State updated in place: a replay writes into the buffers it captured.
+- Buckets never exceed the slot count.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
 from lfm2audio.engine.audio_out import make_audio_decoder
 from lfm2audio.engine.step import BatchStep, buckets
+from lfm2audio.tokens import SAMPLES_PER_FRAME
 
 
 @pytest.mark.parametrize("decoder", ["mimi", "detokenizer"])
@@ -36,7 +37,7 @@ def test_the_captured_step_body_has_no_host_reads(checkpoint_dir, decoder):
     with torch.inference_mode():
         out = step._compute(rows, rows, rows, rows, cache.max_len + 1, meta, prefill_h)
     C = model.codebooks
-    assert out.device.type == "meta" and out.shape == (rows + rows * C + rows * 1920,)
+    assert out.device.type == "meta" and out.shape == (rows + rows * C + rows * SAMPLES_PER_FRAME,)
 
     # The check is real: the codec's own input validation is such a read, and meta refuses it.
     if decoder == "mimi":

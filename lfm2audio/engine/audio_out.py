@@ -59,9 +59,7 @@ class SlotAudioDecoder:
             pcm = self.codec.decoder.step(latent.index_select(0, rows), iter(view.seanet_views(seanet)))
             kept = advance.index_select(0, rows)
             view.seanet.index_copy_(0, rows, _where_rows(kept, seanet, view.seanet.index_select(0, rows)))
-        elif isinstance(self.codec, MimiCodec):
-            pcm, _ = self.codec.decode_step(codes, view, check=False)  # type: ignore[arg-type]
-        else:
+        else:  # no host reads: the codes were clamped above
             pcm, _ = self.codec.decode_step(codes, view, check=False)  # type: ignore[arg-type]
         for t, s in zip(guarded, saved, strict=True):
             t.copy_(_where_rows(advance, t, s))
