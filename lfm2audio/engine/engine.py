@@ -51,7 +51,7 @@ from torch import Tensor
 from lfm2audio.audio_model import LFM2AudioModel
 from lfm2audio.engine.audio_out import SlotAudioDecoder, make_audio_decoder
 from lfm2audio.engine.config import DEFAULT_SAMPLING, EngineConfig, SessionConfig
-from lfm2audio.engine.cpu_tuning import call_in_thread, retain_freed_memory, use_threads_here
+from lfm2audio.engine.cpu_tuning import call_in_thread, load_without_team, retain_freed_memory, use_threads_here
 from lfm2audio.engine.events import (
     PoolFullError,
     ResponseDone,
@@ -129,14 +129,14 @@ class Engine:
     ) -> Engine:
         dev = default_device(device)
 
-        def load() -> Engine:
+        def load() -> tuple[LFM2AudioModel, LFM2AudioProcessor]:
             lfm = LFM2AudioModel.from_pretrained(model, device=dev, dtype=dtype)
-            proc = LFM2AudioProcessor.from_pretrained(model, device=lfm.device)
-            return cls(lfm, proc, config)
+            return lfm, LFM2AudioProcessor.from_pretrained(model, device=lfm.device)
 
         # On a CPU, loaded on a one-thread helper: loading here would leave the caller's thread an
-        # OpenMP team, which slows the engine thread as __init__ says.
-        return call_in_thread(1, load) if dev.type == "cpu" else load()
+        # OpenMP team, which slows the engine thread as __init__ says (which builds its state likewise).
+        lfm, proc = load_without_team(load) if dev.type == "cpu" else load()
+        return cls(lfm, proc, config)
 
     # Lifecycle ------------------------------------------------------------------------
 
