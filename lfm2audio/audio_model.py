@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lfm2audio.generation import ConversationCache, generate
 from lfm2audio.loading import load_model
+from lfm2audio.model.compiled import compile_decode
 from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
 from lfm2audio.sampling import SamplingParams
 
@@ -31,15 +32,19 @@ class LFM2AudioModel(LFM2AudioNetwork):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         quantize: str | None = None,
+        compile: bool = False,
     ) -> LFM2AudioModel:
         """Load a local folder or a Hub repo (official layout, safetensors only).
 
         ``quantize="int8"`` or ``"int4"`` (CPU only): the backbone and audio head with int8 weights and
-        activations, or int4 weights (see ``lfm2audio.model.quantize``).
+        activations, or int4 weights (see ``lfm2audio.model.quantize``). ``compile=True``: the backbone
+        and the audio frame's depthformer through ``torch.compile`` (faster decode steps after a
+        compile on first use, not bit-identical to eager; see ``lfm2audio.model.compiled``).
         """
-        return load_model(
+        model = load_model(
             repo_id_or_path, revision=revision, device=device, dtype=dtype, cls=cls, quantize=quantize  # type: ignore[arg-type]
         )
+        return compile_decode(model) if compile else model
 
     def generate_interleaved(
         self,

@@ -107,7 +107,8 @@ def load(args: argparse.Namespace) -> Loaded:
             args.model, revision=args.revision, device=args.device, quantize=args.quantize
         ).eval()
         model = LFM2AudioModel.from_pretrained(
-            args.model, revision=args.revision, device=args.device, dtype=dtype, quantize=args.quantize
+            args.model, revision=args.revision, device=args.device, dtype=dtype, quantize=args.quantize,
+            compile=args.compile,
         ).eval()
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):  # not in the cache, and offline or no network
@@ -115,7 +116,9 @@ def load(args: argparse.Namespace) -> Loaded:
                 f"cannot load {args.model!r}: {e}\n(download it first with `lfm2audio download {args.model}`, "
                 "or pass --model /path/to/folder)"
             ) from None
-        if isinstance(e, FileNotFoundError):
+        from lfm2audio.model.compiled import NoCompilerError
+
+        if isinstance(e, FileNotFoundError | NoCompilerError):
             raise CliError(str(e)) from None
         raise
     decoder = args.decoder
@@ -359,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default bfloat16 on CUDA, else float32")
     g.add_argument("--quantize", choices=["int8", "int4"], help="int8 or int4 model, int8 Mimi decoder (CPU)")
+    g.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the backbone and depthformer: faster steps after a compile on first use (minutes)",
+    )  # fmt: skip
     g = common.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=512, help="text tokens + audio frames per turn (default 512)")
     g.add_argument("--system", help="system prompt (default: the mode's prompt)")

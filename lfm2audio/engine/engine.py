@@ -65,6 +65,7 @@ from lfm2audio.engine.slot_state import PreparedRequest, ResponseState, SlotStat
 from lfm2audio.engine.step import BatchStep, StepResult
 from lfm2audio.generation import TurnDecoder
 from lfm2audio.loading import default_device
+from lfm2audio.model.compiled import is_compiled
 from lfm2audio.model.lfm2 import LFM2Cache
 from lfm2audio.model.lfm2_audio import LFM2AudioNetwork
 from lfm2audio.processor import LFM2AudioProcessor
@@ -79,6 +80,11 @@ class Engine:
     """Sessions, the engine thread, and the step loop (see the module docstring)."""
 
     def __init__(self, model: LFM2AudioNetwork, processor: LFM2AudioProcessor, config: EngineConfig | None = None):
+        if is_compiled(model):
+            # Every new row count would compile another graph (a minute or more) in the middle of serving.
+            raise ValueError(
+                "the engine runs the model eager: load it without compile=True (compile is for one stream)"
+            )
         self.model = model.eval()
         self.processor = processor
         self.config = config or EngineConfig()
