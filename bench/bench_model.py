@@ -22,6 +22,9 @@ config (~3 GB), then for each dtype runs a FRESH subprocess (so peak RSS is per 
   model's greedy interleaved stream after the turn-1 prompt, fed to both; see
   ``lfm2audio.model.quantize_eval``): per-layer and final-logit cosine similarity, relative error, top-1
   agreement.
+- with ``--compile`` as well: each quantized model once more with ``compile=True`` (``torch.compile`` of
+  the backbone and the depthformer frame, ``lfm2audio.model.compiled``); its compilation happens in the
+  cold first token and the warm-up steps, which the steady-state and chat figures leave out.
 
 Timings are wall-clock on a CPU that may be shared: before each dtype the driver waits (``--max-idle-wait``)
 for other jobs to leave the CPU idle, first-token times are the best of ``--repeats`` runs, and the JSON
@@ -29,7 +32,8 @@ keeps every sample.
 
 Usage (``--quick`` uses a small config and finishes in seconds):
 
-    .venv/bin/python bench/bench_model.py [--dtype float32,bfloat16] [--quantize int8,int4] [--threads 2]
+    .venv/bin/python bench/bench_model.py [--dtype float32,bfloat16] [--quantize int8,int4] [--compile]
+                                          [--threads 2]
                                           [--workdir DIR] [--out bench/results/model.json] [--quick]
 """
 
@@ -493,13 +497,16 @@ def run_worker(folder: Path, dtype_name: str, args: argparse.Namespace) -> dict[
     res: dict[str, Any] = {
         "dtype": dtype_name,
         "quantize": args.worker_quantize,
+        "compiled": args.worker_compile,
         "threads": torch.get_num_threads(),
         "loadavg_start": os.getloadavg(),
     }
     res["rss_before_load_gb"] = peak_rss_gb()
 
     t0 = time.perf_counter()
-    model = LFM2AudioModel.from_pretrained(folder, device="cpu", dtype=dtype, quantize=args.worker_quantize)
+    model = LFM2AudioModel.from_pretrained(
+        folder, device="cpu", dtype=dtype, quantize=args.worker_quantize, compile=args.worker_compile
+    )
     res["load_model_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     processor = LFM2AudioProcessor.from_pretrained(folder, device="cpu")
@@ -684,11 +691,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-idle-wait", type=float, default=60.0,
                     help="seconds to wait at most for other jobs to leave the CPU idle before each dtype")  # fmt: skip
     ap.add_argument("--quantize", default="", help="comma-separated: int8, int4 (each also runs float32 beside it)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run each --quantize mode with compile=True (lfm2audio.model.compiled)")  # fmt: skip
     ap.add_argument("--skip-turns", action="store_true", help="skip the turn-2 (kept cache vs re-prefill) timings")
     ap.add_argument("--cycles", type=int, default=6, help="timed chat cycles (6 text + 12 frames = 0.96 s of audio)")
     ap.add_argument("--quality-positions", type=int, default=200, help="teacher-forced positions of the quality check")
     ap.add_argument("--make-checkpoint", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-quantize", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quality-ref", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-dtype", default=None, help=argparse.SUPPRESS)
@@ -713,9 +723,12 @@ def main(argv: list[str] | None = None) -> None:
     quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
     if any(q not in QUANTIZE_CHOICES for q in quantize):
         raise SystemExit(f"unknown --quantize {quantize}; choose from {QUANTIZE_CHOICES}")
-    # (label, dtype, quantize): the unquantized runs first, the first of them is the quality reference.
-    runs: list[tuple[str, str, str | None]] = [(d, d, None) for d in dtypes]
-    runs += [(f"{q} ({dtypes[0]})", dtypes[0], q) for q in quantize]
+    # (label, dtype, quantize, compiled): the unquantized runs first, the first of them is the quality reference.
+    runs: list[tuple[str, str, str | None, bool]] = [(d, d, None, False) for d in dtypes]
+    for q in quantize:
+        runs.append((f"{q} ({dtypes[0]})", dtypes[0], q, False))
+        if args.compile:
+            runs.append((f"{q} compiled", dtypes[0], q, True))
     tmpdir = None
     if args.workdir is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="lfm2audio-bench-")
@@ -729,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[str, dict[str, Any]] = {}
         quality_dir = tempfile.TemporaryDirectory()
         quality_ref = Path(quality_dir.name) / "quality_ref.safetensors"
-        for i, (name, dtype_name, q) in enumerate(runs):
+        for i, (name, dtype_name, q, compiled) in enumerate(runs):
             with tempfile.TemporaryDirectory() as d:
                 result_file = Path(d) / "result.json"
                 cmd = [
@@ -743,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
                     cmd.append("--skip-turns")
                 if q is not None:
                     cmd += ["--worker-quantize", q]
+                if compiled:
+                    cmd.append("--worker-compile")
                 if quantize and (q is not None or i == 0):
                     cmd += ["--quality-ref", str(quality_ref)]
                 print(f"running {name} ...", flush=True)
