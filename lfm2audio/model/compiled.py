@@ -13,7 +13,7 @@ What is compiled:
 - The backbone's one-position calls (the decode steps; ``net.lfm.forward`` dispatches on the input's
   length): the number of positions attended changes every step and is traced as dynamic after the
   first change. Prefill chunks stay eager: each chunk length would be another graph to compile, and a
-  graph traced with a dynamic length was slower for the one-position steps (0.78-0.90x eager against
+  graph traced with a dynamic length was slower for the one-position steps (0.83-0.90x eager against
   0.80-0.86x for the one-position graph, min of 6 runs of 18 steps, int8).
 - The frame methods ``sample_audio_frame`` and ``sample_audio_frame_rows``, each as one graph for the
   whole frame (the 8 codebooks unrolled, with their sampling). Compiling only the depthformer's
@@ -24,12 +24,14 @@ fold what depends on them only; inference only, which is all this does).
 
 The cost:
 
-- **Compile time.** Each graph is compiled on its first call (about 2 minutes for the
-  full-size frame and 40 s for the backbone on 2 cores; compiled graphs are cached on disk by
-  torch, so a second process reuses them).
+- **Compile time.** Each graph is compiled on its first call: about 100 s for the full-size frame and
+  35 s for the backbone step on 2 cores (the tiny checkpoint takes as long). torch caches compiled
+  graphs on disk, so a second process reuses them. Row counts other than one compile again (dynamic
+  shapes), which is why the batched engine refuses a compiled model.
 - **Rounding.** The numbers are computed in another order, so streams are not bit-identical to the
   eager ones. The golden parity holds for the eager model, which stays the default.
-- **A C++ compiler** at run time, which inductor's CPU code generation needs.
+- **A C++ compiler** at run time, which inductor's CPU code generation needs (on CUDA it would use
+  Triton instead; not measured there).
 
 The W8A8 layers reach the graph as the custom op ``lfm2audio::w8a8_matmul``
 (``lfm2audio.model.quantize``); int8/int4 weight-only layers call ATen ops that trace as they are.
