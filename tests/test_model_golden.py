@@ -8,6 +8,7 @@ from devices import DEVICE, DTYPE
 from golden_chat import INPUT_NAMES, TURN2_TEXT, as_steps, assert_close_golden, build_state
 
 from lfm2audio import LFM2AudioModel, LFM2AudioProcessor, LFMModality
+from lfm2audio.model.lfm2 import ContextFullError
 
 KINDS = ["asr", "chat", "tts"]
 
@@ -55,6 +56,20 @@ def test_backbone_cached_equals_uncached(model, golden):
         parts = [model.lfm(emb[:, a:b], cache)[0] for a, b in [(0, 7), (7, 49), (49, 50)]]
     assert int(cache.lengths[0]) == 50
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_backbone_refuses_tokens_past_its_cache(model, golden):
+    """A call whose tokens do not all fit raises ContextFullError and leaves the cache as it was."""
+    prompt = golden["prefill.chat.embeddings"][:, :5].to(DEVICE, DTYPE)
+    with torch.inference_mode():
+        cache = model.lfm.new_cache(1, 4)
+        model.lfm(prompt[:, :3], cache)
+        assert model.lfm.attended_len(cache, 1) == 4
+        with pytest.raises(ContextFullError, match="5 positions do not fit a cache of 4"):
+            model.lfm(prompt[:, 3:5], cache)
+        assert cache.lengths.tolist() == [3]
+        model.lfm(prompt[:, 3:4], cache)  # the last position still fits
+        assert cache.lengths.tolist() == [4]
 
 
 def test_depthformer_frame(model, golden, golden_index):

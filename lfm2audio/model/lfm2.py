@@ -299,6 +299,16 @@ class LFM2Backbone(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def attended_len(self, cache: LFM2Cache, T: int, valid: Tensor | None = None) -> int:
+        """The ``kv_len`` of a call of ``T`` tokens per row (every row's last position + 1), read from
+        the device; raises ContextFullError when a row's tokens do not fit the cache."""
+        if not cache.batch_size:
+            return 1
+        need = int((cache.lengths + (T if valid is None else valid)).max())
+        if need > cache.max_len:
+            raise ContextFullError(f"context full: {need} positions do not fit a cache of {cache.max_len}")
+        return min(int(cache.lengths.max()) + T, cache.max_len + 1)
+
     def forward(
         self,
         x: Tensor,
@@ -336,11 +346,7 @@ class LFM2Backbone(nn.Module):
                 raise ValueError(f"cache has {cache.batch_size} rows but the input has {B}")
             positions = cache.lengths.view(B, 1) + torch.arange(T, device=x.device)
             if kv_len is None:
-                end = cache.lengths + (T if valid is None else valid)
-                if B and int(end.max()) > cache.max_len:
-                    need = int(end.max())
-                    raise ContextFullError(f"context full: {need} positions do not fit a cache of {cache.max_len}")
-                kv_len = min(int(positions.max()) + 1, cache.max_len + 1) if B else 1
+                kv_len = self.attended_len(cache, T, valid)
             kv_len = min(kv_len, cache.max_len + 1)
             key_pos = torch.arange(kv_len, device=x.device).view(1, 1, 1, kv_len)
             qpos = positions.view(B, 1, T, 1)
