@@ -6,6 +6,7 @@ The int8 model is the one compile is for (and the one whose W8A8 layers need the
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -47,6 +48,10 @@ def test_w8a8_layer_compiles_as_one_graph_and_leaves_no_weights_behind():
     torch.testing.assert_close(compiled, eager, atol=5e-3, rtol=0)
     key = layer.key
     assert quantize._w8a8_layers[key]() is layer
+    twin = copy.deepcopy(layer)  # answers to a key of its own, and computes the same
+    assert twin.key != key and quantize._w8a8_layers[twin.key]() is twin
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), eager, atol=0, rtol=0)
     del layer
     torch._dynamo.reset()  # the compiled graph holds the module too
     gc.collect()
@@ -102,6 +107,10 @@ def test_compiled_model_generates_the_eager_chat_stream(models, checkpoint_dir, 
     assert len(streams[1]) == 12 and any(t.numel() == 8 for t in streams[1])
     # The first steps agree exactly; later ones may drift apart after one argmax near a tie.
     assert [t.tolist() for t in streams[1][:4]] == [t.tolist() for t in streams[0][:4]]
+    # Each compiled call is one graph: a break (a host read, an untraceable op) would cost speed and
+    # print a warning on every new shape.
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert not breaks, dict(breaks)
 
 
 def test_the_engine_refuses_a_compiled_model(models, checkpoint_dir):

@@ -40,7 +40,7 @@ The W8A8 layers reach the graph as the custom op ``lfm2audio::w8a8_matmul``
 from __future__ import annotations
 
 import shutil
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -78,8 +78,14 @@ def compile_decode(net: N) -> N:
     eager_forward = net.lfm.forward
     step = torch.compile(eager_forward, options=COMPILE_OPTIONS)
 
-    def forward(x: Tensor, cache: LFM2Cache | None = None, **kwargs: Any) -> tuple[Tensor, LFM2Cache | None]:
-        return (step if x.shape[1] == 1 else eager_forward)(x, cache, **kwargs)
+    def forward(
+        x: Tensor, cache: LFM2Cache | None = None, *, valid: Tensor | None = None, kv_len: int | None = None
+    ) -> tuple[Tensor, LFM2Cache | None]:
+        if x.shape[1] != 1 or cache is None:
+            return eager_forward(x, cache, valid=valid, kv_len=kv_len)
+        if kv_len is None:  # read here: a host read inside the graph would break it in two
+            kv_len = net.lfm.attended_len(cache, 1, valid)
+        return step(x, cache, valid=valid, kv_len=kv_len)
 
     net.lfm.forward = forward  # nn.Module.__call__ looks forward up on the instance first
     for name in FRAME_METHODS:

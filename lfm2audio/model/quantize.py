@@ -144,8 +144,16 @@ class W8A8Linear(nn.Module):
         self.register_buffer("rotation", rotation, persistent=False)
         self.levels = act_levels()  # the input grid's steps each side of zero
         self.residual = self.levels < 127  # 7-bit grid: a second pass for the remainder
+        self._register()
+
+    def _register(self) -> None:
+        """A key of its own for the compiled op (``_w8a8_matmul``) to find this layer by."""
         self.key = next(_w8a8_keys)
         _w8a8_layers[self.key] = weakref.ref(self, lambda _, key=self.key: _w8a8_layers.pop(key, None))
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._register()  # a deep copy (or an unpickled layer) must not answer to the original's key
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None, *, rotate: bool = False) -> W8A8Linear:
