@@ -99,6 +99,7 @@ def load(args: argparse.Namespace) -> Loaded:
     import torch
 
     from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
+    from lfm2audio.model.compiled import NoCompilerError
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     t0 = time.monotonic()
@@ -116,8 +117,6 @@ def load(args: argparse.Namespace) -> Loaded:
                 f"cannot load {args.model!r}: {e}\n(download it first with `lfm2audio download {args.model}`, "
                 "or pass --model /path/to/folder)"
             ) from None
-        from lfm2audio.model.compiled import NoCompilerError
-
         if isinstance(e, FileNotFoundError | NoCompilerError):
             raise CliError(str(e)) from None
         raise
