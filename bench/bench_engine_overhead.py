@@ -5,6 +5,9 @@ For each number of active chat sessions (default 1, 8, 32, 64, 128) it reports
 * aten ops per engine step (torch profiler, over whole interleave cycles of 18 steps: 6 text + 12 audio),
 * steady-state step time (the engine stepped by this script, no thread: ``Engine.step``; the levels'
   engines run side by side and are timed in alternation, so a drift in the machine's speed hits all alike),
+  and where it goes: the model's batched calls (backbone forward, depthformer frame with its sampling,
+  audio decoder step) and the rest, the engine's own work (plan, gathers, text sampling, emit, prefill),
+* and the ``x 1`` ratios of both to the 1-session level,
 * through the public API (engine thread running, events consumed), each session's audio rate:
   the slowest session's frames per second, against real time (12.5).
 
@@ -84,6 +87,55 @@ def all_decoding(engine: Engine, n: int) -> bool:
     return len(busy) == n and not engine._prefill_queue
 
 
+class PhaseClock:
+    """Wall time of the model's batched calls inside engine steps, per phase (seconds, summed).
+
+    Wraps, on the instances only, the backbone's forward, the depthformer frame and the engine's audio
+    decoder step; a backbone forward outside the batched step (a prefill chunk) counts as the engine's.
+    The wrappers add a clock read per call (a few calls a step).
+    """
+
+    PHASES = ("batch", "backbone", "depthformer", "audio")  # "batch": the whole batched step, the others in it
+
+    def __init__(self, model) -> None:
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.in_step = False
+        self._timed(model.lfm, "forward", "backbone", only_in_step=True)
+        self._timed(model, "sample_audio_frame_rows", "depthformer")
+
+    def attach(self, engine: Engine) -> None:
+        self._timed(engine.audio, "step", "audio")
+        compute = engine.batch._compute
+
+        def in_step(*args, **kwargs):
+            self.in_step = True
+            t0 = time.perf_counter()
+            try:
+                return compute(*args, **kwargs)
+            finally:
+                self.totals["batch"] += time.perf_counter() - t0
+                self.in_step = False
+
+        engine.batch._compute = in_step
+
+    def _timed(self, obj, name: str, phase: str, only_in_step: bool = False) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            if only_in_step and not self.in_step:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[phase] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.totals)
+
+
 def steady(model, proc, n: int, decoder: str) -> tuple[Engine, list]:
     """An engine stepped here (no thread) with n chat sessions, every one of them decoding."""
     engine = Engine(model, proc, EngineConfig(max_sessions=n, max_context=4096, audio_decoder=decoder))
@@ -102,17 +154,20 @@ def steady(model, proc, n: int, decoder: str) -> tuple[Engine, list]:
     return engine, sessions
 
 
-def timed_cycle(engine: Engine, sessions: list) -> list[float]:
+def timed_cycle(engine: Engine, sessions: list, clock: PhaseClock, phases: dict[str, float]) -> list[float]:
     """Wall time of each step of one interleave cycle (steps that ran the batch only: a session
-    restarting its turn may leave a step with nothing to do)."""
+    restarting its turn may leave a step with nothing to do); adds those steps' phase times to ``phases``."""
     times: list[float] = []
     while len(times) < CYCLE:
         before = engine.steps
+        start = clock.snapshot()
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
         if engine.steps > before:
             times.append(dt)
+            for k, v in clock.snapshot().items():
+                phases[k] += v - start[k]
         restart_finished(sessions)
     return times
 
@@ -132,19 +187,29 @@ def stepped(model, proc, levels: list[int], decoder: str, cycles: int) -> dict[i
     The levels are timed in alternation, one interleave cycle each in turn, so that a change in
     the machine's speed while the bench runs (a shared or virtual machine's) affects every level alike.
     """
+    clock = PhaseClock(model)
     engines = {n: steady(model, proc, n, decoder) for n in levels}
+    for engine, _ in engines.values():
+        clock.attach(engine)
     times: dict[int, list[float]] = {n: [] for n in levels}
+    phases = {n: dict.fromkeys(PhaseClock.PHASES, 0.0) for n in levels}
     for _ in range(cycles):
         for n, (engine, sessions) in engines.items():
-            times[n] += timed_cycle(engine, sessions)
+            times[n] += timed_cycle(engine, sessions, clock, phases[n])
     out = {}
     for n, (engine, sessions) in engines.items():
         ts = sorted(times[n])
+        mean_ms = {k: 1000 * v / len(ts) for k, v in phases[n].items()}
         out[n] = {
             "ops_per_step": round(ops_per_step(engine, sessions)),
             "step_ms_median": 1000 * ts[len(ts) // 2],
             "step_ms_min": 1000 * ts[0],
+            "step_ms_mean": 1000 * sum(ts) / len(ts),
+            **{f"{k}_ms_mean": v for k, v in mean_ms.items()},
         }
+        model_ms = mean_ms["backbone"] + mean_ms["depthformer"] + mean_ms["audio"]
+        out[n]["glue_ms_mean"] = mean_ms["batch"] - model_ms  # gathers, text sampling, write-back, one copy
+        out[n]["host_ms_mean"] = out[n]["step_ms_mean"] - mean_ms["batch"]  # plan, prefill, unpack, emit
         for s in sessions:
             s.close()
         engine.step()
@@ -245,6 +310,17 @@ def main() -> None:
         )
     print(f"(real time: every session samples >= {REAL_TIME_POSITIONS:.2f} positions/s, i.e. 12.5 frames/s of speech;")
     print(" a session samples once per engine step while it responds, less while its next turn is prefilled)")
+    print("\nwhere a step's time goes (ms, mean over the timed steps): the model's batched calls, the rest of the")
+    print("batched step (gathers, text sampling, write-back, the one copy to the host), and the host's part")
+    print("(plan, prefill chunks, unpacking, events)")
+    print("| sessions | step | backbone | depthformer + sampling | audio decoder | rest of the batched step | host |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['sessions']} | {r['step_ms_mean']:.1f} | {r['backbone_ms_mean']:.1f} | "
+            f"{r['depthformer_ms_mean']:.1f} | {r['audio_ms_mean']:.1f} | {r['glue_ms_mean']:.1f} | "
+            f"{r['host_ms_mean']:.1f} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
