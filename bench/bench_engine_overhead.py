@@ -95,7 +95,9 @@ class PhaseClock:
     The wrappers add a clock read per call (a few calls a step).
     """
 
-    PHASES = ("batch", "backbone", "depthformer", "audio")  # "batch": the whole batched step, the others in it
+    # "batch": the whole batched step, the three after it inside it; "prefill": prompt chunks (a turn
+    # restarting), outside it.
+    PHASES = ("batch", "backbone", "depthformer", "audio", "prefill")
 
     def __init__(self, model) -> None:
         self.totals = dict.fromkeys(self.PHASES, 0.0)
@@ -105,6 +107,7 @@ class PhaseClock:
 
     def attach(self, engine: Engine) -> None:
         self._timed(engine.audio, "step", "audio")
+        self._timed(engine, "_prefill", "prefill")
         compute = engine.batch._compute
 
         def in_step(*args, **kwargs):
@@ -209,7 +212,7 @@ def stepped(model, proc, levels: list[int], decoder: str, cycles: int) -> dict[i
         }
         model_ms = mean_ms["backbone"] + mean_ms["depthformer"] + mean_ms["audio"]
         out[n]["glue_ms_mean"] = mean_ms["batch"] - model_ms  # gathers, text sampling, write-back, one copy
-        out[n]["host_ms_mean"] = out[n]["step_ms_mean"] - mean_ms["batch"]  # plan, prefill, unpack, emit
+        out[n]["host_ms_mean"] = out[n]["step_ms_mean"] - mean_ms["batch"] - mean_ms["prefill"]  # plan, emit
         for s in sessions:
             s.close()
         engine.step()
@@ -311,15 +314,18 @@ def main() -> None:
     print(f"(real time: every session samples >= {REAL_TIME_POSITIONS:.2f} positions/s, i.e. 12.5 frames/s of speech;")
     print(" a session samples once per engine step while it responds, less while its next turn is prefilled)")
     print("\nwhere a step's time goes (ms, mean over the timed steps): the model's batched calls, the rest of the")
-    print("batched step (gathers, text sampling, write-back, the one copy to the host), and the host's part")
-    print("(plan, prefill chunks, unpacking, events)")
-    print("| sessions | step | backbone | depthformer + sampling | audio decoder | rest of the batched step | host |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("batched step (gathers, text sampling, write-back, the one copy to the host), prompt chunks of turns")
+    print("that restart, and the host's part (plan, unpacking, events)")
+    print(
+        "| sessions | step | backbone | depthformer + sampling | audio decoder | rest of the batched step "
+        "| prefill | host |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['sessions']} | {r['step_ms_mean']:.1f} | {r['backbone_ms_mean']:.1f} | "
             f"{r['depthformer_ms_mean']:.1f} | {r['audio_ms_mean']:.1f} | {r['glue_ms_mean']:.1f} | "
-            f"{r['host_ms_mean']:.1f} |"
+            f"{r['prefill_ms_mean']:.1f} | {r['host_ms_mean']:.1f} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
