@@ -5,9 +5,9 @@ For each number of active chat sessions (default 1, 8, 32, 64, 128) it reports
 * aten ops per engine step (torch profiler, over whole interleave cycles of 18 steps: 6 text + 12 audio),
 * steady-state step time (the engine stepped by this script, no thread: ``Engine.step``; the levels'
   engines run side by side and are timed in alternation, so a drift in the machine's speed hits all alike),
-  and where it goes: the model's batched calls (backbone forward, depthformer frame with its sampling,
-  audio decoder step) and the rest, the engine's own work (plan, gathers, text sampling, emit, prefill),
-* and the ``x 1`` ratios of both to the 1-session level,
+  against the 1-session level, and where it goes: the model's batched calls (backbone forward,
+  depthformer frame with its sampling, audio decoder step), the rest of the batched step (the engine's
+  own tensor work), prompt chunks of turns that restart, and the host's part (plan, events),
 * through the public API (engine thread running, events consumed), each session's audio rate:
   the slowest session's frames per second, against real time (12.5).
 
@@ -90,9 +90,9 @@ def all_decoding(engine: Engine, n: int) -> bool:
 class PhaseClock:
     """Wall time of the model's batched calls inside engine steps, per phase (seconds, summed).
 
-    Wraps, on the instances only, the backbone's forward, the depthformer frame and the engine's audio
-    decoder step; a backbone forward outside the batched step (a prefill chunk) counts as the engine's.
-    The wrappers add a clock read per call (a few calls a step).
+    Wraps, on the instances only, the batched step, the backbone's forward inside it (a prefill chunk's
+    forward is the "prefill" phase), the depthformer frame, the audio decoder step and the prefill.
+    The wrappers add a clock read per call (a few calls a step); ``close`` removes the model's.
     """
 
     # "batch": the whole batched step, the three after it inside it; "prefill": prompt chunks (a turn
@@ -102,8 +102,14 @@ class PhaseClock:
     def __init__(self, model) -> None:
         self.totals = dict.fromkeys(self.PHASES, 0.0)
         self.in_step = False
+        self._model_wrappers = [(model.lfm, "forward"), (model, "sample_audio_frame_rows")]
         self._timed(model.lfm, "forward", "backbone", only_in_step=True)
         self._timed(model, "sample_audio_frame_rows", "depthformer")
+
+    def close(self) -> None:
+        """The model as it was (its methods are the class's again; the engines are closed by then)."""
+        for obj, name in self._model_wrappers:
+            delattr(obj, name)
 
     def attach(self, engine: Engine) -> None:
         self._timed(engine.audio, "step", "audio")
@@ -216,6 +222,7 @@ def stepped(model, proc, levels: list[int], decoder: str, cycles: int) -> dict[i
         for s in sessions:
             s.close()
         engine.step()
+    clock.close()
     return out
 
 
