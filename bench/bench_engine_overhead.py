@@ -102,14 +102,15 @@ class PhaseClock:
     def __init__(self, model) -> None:
         self.totals = dict.fromkeys(self.PHASES, 0.0)
         self.in_step = False
-        self._model_wrappers = [(model.lfm, "forward"), (model, "sample_audio_frame_rows")]
+        self._wrapped: list[tuple[object, str]] = []  # what ``_timed`` set, for ``close`` to remove
         self._timed(model.lfm, "forward", "backbone", only_in_step=True)
         self._timed(model, "sample_audio_frame_rows", "depthformer")
 
     def close(self) -> None:
-        """The model as it was (its methods are the class's again; the engines are closed by then)."""
-        for obj, name in self._model_wrappers:
+        """The model and engines as they were (their methods are the classes' again)."""
+        for obj, name in self._wrapped:
             delattr(obj, name)
+        self._wrapped.clear()
 
     def attach(self, engine: Engine) -> None:
         self._timed(engine.audio, "step", "audio")
@@ -140,6 +141,7 @@ class PhaseClock:
                 self.totals[phase] += time.perf_counter() - t0
 
         setattr(obj, name, timed)
+        self._wrapped.append((obj, name))
 
     def snapshot(self) -> dict[str, float]:
         return dict(self.totals)
