@@ -25,6 +25,7 @@ from lfm2audio.model.quantize import (
     DEFAULT_GROUP_SIZE,
     Quantize,
     check_quantize,
+    join_sibling_projections,
     quantize_tied_heads,
     quantized_linear,
     quantized_module_names,
@@ -268,5 +269,6 @@ def load_model(
     model.retie()
     if quantize:
         quantize_tied_heads(model)
+        join_sibling_projections(model)
         release_freed_memory()
     return model.eval()

@@ -22,6 +22,7 @@ from lfm2audio.model.quantize import (
     W8A8Linear,
     act_levels,
     int8_linear,
+    join_quantized,
     quantize_int4,
     quantize_int8,
     quantized_linear,
@@ -158,6 +159,64 @@ def test_w8a8_rotated_input_computes_the_same_product():
     assert torch.equal(rotated(x[3:4]), rotated(x)[3:4])
 
 
+JOIN_KINDS = {
+    "w8a8": lambda w: W8A8Linear.from_float(w),
+    "int8 weight-only": lambda w: Int8Linear.from_float(w),
+    "int4": lambda w: Int4Linear.from_float(w, 64),
+}
+
+
+@pytest.mark.parametrize("kind", JOIN_KINDS)
+def test_joined_projections_give_the_separate_layers_bits(kind):
+    """q, k and v (or w1 and w3) joined into one layer: its output is exactly the separate layers'
+    outputs side by side, for one row, several rows and (B, T, D) inputs; the parts' weights are gone."""
+    if kind == "w8a8" and not w8a8_available():
+        pytest.skip("needs fbgemm (x86 builds of torch)")
+    g = torch.Generator().manual_seed(5)
+    parts = [JOIN_KINDS[kind](torch.randn(rows, 256, generator=g) * 0.02) for rows in (128, 64, 64)]
+    joined = join_quantized(parts)
+    assert type(joined) is type(parts[0]) and (joined.in_features, joined.out_features) == (256, 256)
+    for x in (torch.randn(1, 256, generator=g), torch.randn(5, 256, generator=g), torch.randn(2, 3, 256, generator=g)):
+        assert torch.equal(joined(x), torch.cat([m(x) for m in parts], -1))
+
+
+def test_join_refuses_what_it_cannot_join():
+    g = torch.Generator().manual_seed(6)
+    w = [torch.randn(64, 128, generator=g) * 0.02 for _ in range(2)]
+    assert join_quantized([Linear(128, 64, bias=False), Linear(128, 64, bias=False)]) is None  # float: as stored
+    assert join_quantized([Int8Linear.from_float(w[0]), Int4Linear.from_float(w[1], 64)]) is None  # mixed kinds
+    assert join_quantized([Int8Linear.from_float(w[0], torch.zeros(64)), Int8Linear.from_float(w[1])]) is None
+    assert join_quantized([Int8Linear.from_float(w[0]), Int8Linear.from_float(w[1][:, :64])]) is None
+    # int4's packed layout is made of 64-row blocks: a 48-row part can only be the last one.
+    short = Int4Linear.from_float(torch.randn(48, 128, generator=g), 64)
+    assert join_quantized([short, Int4Linear.from_float(w[0], 64)]) is None
+    assert join_quantized([Int4Linear.from_float(w[0], 64), short]) is not None
+    if w8a8_available():
+        rotated = W8A8Linear.from_float(w[0], rotate=True)
+        assert join_quantized([rotated, W8A8Linear.from_float(w[1])]) is None
+
+
+def test_loaded_model_joins_sibling_projections_without_changing_its_outputs(checkpoint_dir, monkeypatch):
+    """The int8 model's feed-forwards (w1 + w3) and attention blocks (q + k + v) are single layers;
+    its outputs are those of the same model loaded without joining, bit for bit."""
+    import lfm2audio.loading as loading
+
+    joined = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
+    monkeypatch.setattr(loading, "join_sibling_projections", lambda model: 0)
+    separate = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
+    layers = joined.lfm.layers
+    assert all(blk.feed_forward.w13 is not None and not hasattr(blk.feed_forward, "w1") for blk in layers)
+    attention = [blk.self_attn for blk in layers if blk.is_attention]
+    assert attention and all(a.qkv_proj is not None and not hasattr(a, "q_proj") for a in attention)
+    assert all(blk.feed_forward.w13 is not None for blk in joined.depthformer.layers)
+    assert all(blk.feed_forward.w13 is None for blk in separate.lfm.layers)
+    x = torch.randn(2, 7, joined.config.lfm.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        h_joined, h_separate = joined.lfm(x)[0], separate.lfm(x)[0]
+        assert torch.equal(h_joined, h_separate)
+        assert torch.equal(joined.sample_audio_frame(h_joined[:, -1]), separate.sample_audio_frame(h_separate[:, -1]))
+
+
 def test_loaded_int8_model_rotates_the_gated_inputs(checkpoint_dir):
     model = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
     if not w8a8_available():
@@ -195,15 +254,17 @@ def test_from_pretrained_quantizes_backbone_and_audio_head(model_q):
     mode, model = model_q
     quantized = {n for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
     floats = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert "lfm.layers.0.feed_forward.w1" in quantized and "depth_linear" in quantized
+    ff = model.lfm.layers[0].feed_forward
+    # int8 joins w1 and w3 into one layer; the tiny model's 160-row w1 does not fit int4's 64-row blocks.
+    gate = "w13" if mode == "int8" else "w1"
+    assert f"lfm.layers.0.feed_forward.{gate}" in quantized and "depth_linear" in quantized
     assert "depthformer.layers.0.operator.qkv_proj" in quantized
     assert {f"depth_embeddings.{k}.to_logits" for k in range(8)} <= quantized  # tied heads: quantized copies
     assert not any(n.startswith(("lfm.", "depthformer.", "depth_linear", "depth_embeddings.")) for n in floats)
     assert any(n.startswith("conformer.") for n in floats) and any(n.startswith("audio_adapter.") for n in floats)
     # Embeddings stay float (lookups), so the model's dtype and its caches do too.
     assert model.dtype == torch.float32 and model.depth_embeddings[0].embedding.weight.dtype == torch.float32
-    w1 = model.get_submodule("lfm.layers.0.feed_forward.w1")
-    assert isinstance(w1, Int4Linear if mode == "int4" else MODEL_INT8)
+    assert isinstance(ff.w1 if ff.w13 is None else ff.w13, Int4Linear if mode == "int4" else MODEL_INT8)
     assert isinstance(model.depth_embeddings[0].to_logits, MODEL_INT8)
 
 
@@ -289,7 +350,7 @@ def test_server_quantize_flag_builds_a_quantized_engine(checkpoint_dir):
         ServerConfig(quantize="int3")
     engine = default_engine_factory(config.replace(device="cpu"))
     gc.unfreeze()  # the factory froze what loading left alive (a server's objects; not this test process's)
-    assert isinstance(engine.model.get_submodule("lfm.layers.0.feed_forward.w1"), MODEL_INT8)
+    assert isinstance(engine.model.get_submodule("lfm.layers.0.feed_forward.w13"), MODEL_INT8)
     mimi = engine.processor.mimi  # the engine's audio decoder is quantized too (bf16 activations)
     assert isinstance(mimi.decoder_transformer.layers[0].linear1, Int8Linear)
 
@@ -307,7 +368,7 @@ def test_int8_mimi_decoder_streams_close_to_float(checkpoint_dir):
     assert isinstance(proc_q.mimi.decoder_transformer.layers[0].self_attn.in_projs[0], Int8Linear)
     # The LFM2.5 detokenizer's backbone too; its PCM stays close to the float one's.
     detok_q, detok = proc_q.audio_detokenizer, LFM2AudioProcessor.from_pretrained(checkpoint_dir).audio_detokenizer
-    assert isinstance(detok_q.lfm.layers[0].feed_forward.w1, Int8Linear)
+    assert isinstance(detok_q.lfm.layers[0].feed_forward.w13, Int8Linear)  # w1 and w3 joined
     clip = torch.randint(0, 2048, (1, 8, 10), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         a, b = detok.decode(clip), detok_q.decode(clip)

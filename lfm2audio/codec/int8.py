@@ -20,7 +20,7 @@ from torch import nn
 from lfm2audio.codec.detokenizer import AudioDetokenizer
 from lfm2audio.codec.mimi import MimiCodec
 from lfm2audio.codec.seanet import CausalConv1d, CausalConvTranspose1d
-from lfm2audio.model.quantize import Int8Linear
+from lfm2audio.model.quantize import Int8Linear, join_sibling_projections
 
 MIN_CONV_WEIGHTS = 1 << 20
 
@@ -62,6 +62,7 @@ def quantize_detokenizer_int8(detokenizer: AudioDetokenizer) -> AudioDetokenizer
     The output head (``lin``, 0.7 M weights) keeps its dtype, as do the embedding and the ISTFT.
     """
     _int8_linears(detokenizer.lfm)
+    join_sibling_projections(detokenizer.lfm)
     return detokenizer
 
 

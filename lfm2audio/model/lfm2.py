@@ -10,6 +10,7 @@ different positions can be stepped together.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,31 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(xf, (xf.shape[-1],), None, self.eps).to(x.dtype)
 
 
+JoinLayers = Callable[[list[nn.Module]], "nn.Module | None"]
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, ff_dim: int) -> None:
         super().__init__()
         self.w1 = Linear(dim, ff_dim, bias=False)
         self.w3 = Linear(dim, ff_dim, bias=False)
         self.w2 = Linear(ff_dim, dim, bias=False)
+        self.w13: nn.Module | None = None  # w1 and w3 as one quantized layer (join_projections)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+    def join_projections(self, join: JoinLayers) -> bool:
+        """Replace ``w1`` and ``w3`` by ``join([w1, w3])`` where it gives a layer (quantized models: one
+        product instead of two, same outputs); the float model keeps its layers, as in the checkpoint."""
+        if self.w13 is not None or (joined := join([self.w1, self.w3])) is None:
+            return False
+        del self.w1, self.w3
+        self.w13 = joined
+        return True
 
 
 @dataclass
@@ -201,6 +218,25 @@ class Attention(nn.Module):
         self.out_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.qkv_proj: nn.Module | None = None  # q, k and v as one quantized layer (join_projections)
+
+    def join_projections(self, join: JoinLayers) -> bool:
+        """Replace the q, k and v projections by ``join`` of them where it gives a layer (see ``SwiGLU``)."""
+        if self.qkv_proj is not None or (joined := join([self.q_proj, self.k_proj, self.v_proj])) is None:
+            return False
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = joined
+        return True
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v of ``x`` (B, T, hidden), each (B, T, heads, head_dim)."""
+        B, T, _ = x.shape
+        H, n_kv, hd = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([H * hd, n_kv * hd, n_kv * hd], dim=-1)
+        return q.view(B, T, H, hd), k.view(B, T, n_kv, hd), v.view(B, T, n_kv, hd)
 
     def forward(
         self,
@@ -213,9 +249,8 @@ class Attention(nn.Module):
         kv_len: int,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
-        k = self.k_layernorm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = self.project(x)
+        q, k = self.q_layernorm(q), self.k_layernorm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kv is not None:
