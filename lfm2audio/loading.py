@@ -269,6 +269,6 @@ def load_model(
     model.retie()
     if quantize:
         quantize_tied_heads(model)
-        join_sibling_projections(model)
+        join_sibling_projections(model, after_each=release_freed_memory)
         release_freed_memory()
     return model.eval()

@@ -202,7 +202,7 @@ def test_loaded_model_joins_sibling_projections_without_changing_its_outputs(che
     import lfm2audio.loading as loading
 
     joined = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
-    monkeypatch.setattr(loading, "join_sibling_projections", lambda model: 0)
+    monkeypatch.setattr(loading, "join_sibling_projections", lambda model, **kw: 0)
     separate = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
     layers = joined.lfm.layers
     assert all(blk.feed_forward.w13 is not None and not hasattr(blk.feed_forward, "w1") for blk in layers)
@@ -423,3 +423,17 @@ def test_kernel_bench_quick_run_compares_every_kernel_with_float32(tmp_path):
     assert worst["float32"] < 1e-6 and worst["bfloat16"] < 0.01
     assert worst["int8wo"] < 0.02 and worst.get("w8a8", 0.0) < 0.02
     assert 0.02 < worst["int4"] < 0.2  # ~0.1 for min/max int4 of a Gaussian weight: visibly coarser than int8
+
+
+def test_joined_projections_bench_quick_run(checkpoint_dir, tmp_path):
+    # bench/bench_joined_projections.py: both models load, the joined one has joined layers, every call is timed.
+    out = tmp_path / "joined.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_joined_projections.py"
+    cmd = [sys.executable, str(script), "--model", str(checkpoint_dir), "--rounds", "4", "--threads", "1"]
+    proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| depthformer frame |" in proc.stdout and "| backbone step |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["joined_groups"] > 0
+    for r in report["results"].values():
+        assert len(r["samples_ms"]["joined"]) == len(r["samples_ms"]["separate"]) == 4 and r["ratio_median"] > 0

@@ -20,7 +20,9 @@ group size; a layer that does not fit (e.g. a 2049-wide codebook head) is quanti
 CPU only: on other devices :func:`check_quantize` refuses with a clear error.
 
 The weights are quantized one tensor at a time, as they are read (see ``lfm2audio.loading``), so a
-float copy of the whole model never exists.
+float copy of the whole model never exists. Once loaded, sibling projections that read the same input
+(each feed-forward's ``w1`` and ``w3``, each backbone attention block's q, k and v) are joined into one
+layer of the same kind (``join_sibling_projections``): the same bits, one product instead of two or three.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import functools
 import itertools
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -558,12 +561,20 @@ def join_quantized(layers: list[nn.Module]) -> nn.Module | None:
     return None
 
 
-def join_sibling_projections(model: nn.Module) -> int:
+def join_sibling_projections(model: nn.Module, after_each: Callable[[], None] | None = None) -> int:
     """Join each quantized module's sibling projections (``join_projections`` of the modules that have
-    one: ``join_quantized`` decides what can be joined); returns how many groups were joined."""
+    one: ``join_quantized`` decides what can be joined); returns how many groups were joined.
+
+    Peak memory: only the owners are listed before the walk (a list of every module would keep each
+    part alive to the end), and ``after_each`` runs after each join, where the loader hands the parts'
+    freed pages back to the OS. Measured on the full-size int8 model, peak RSS over its weights: 1.24x
+    not joined; joined 1.43x with every part alive to the end, 1.36x with them freed but not handed
+    back, 1.23x as done here."""
+    owners = [m for m in model.modules() if callable(getattr(m, "join_projections", None))]
     joined = 0
-    for module in list(model.modules()):
-        join = getattr(module, "join_projections", None)
-        if callable(join):
-            joined += bool(join(join_quantized))
+    for owner in owners:
+        if owner.join_projections(join_quantized):
+            joined += 1
+            if after_each is not None:
+                after_each()
     return joined
