@@ -31,17 +31,25 @@ from lfm2audio import LFM2AudioModel  # noqa: E402
 from lfm2audio.model.quantize import QUANTIZE_CHOICES  # noqa: E402
 
 
-def load_pair(folder: Path, quantize: str, compile: bool) -> dict[str, LFM2AudioModel]:
-    """The model as ``from_pretrained`` loads it (joined) and the same model with its layers left apart."""
+def load_pair(folder: Path, quantize: str, compile: bool) -> tuple[dict[str, LFM2AudioModel], int]:
+    """The model as ``from_pretrained`` loads it (joined), the same model with its layers left apart, and
+    how many groups of layers the first one joined."""
     kw: dict[str, Any] = dict(device="cpu", dtype=torch.float32, quantize=quantize, compile=compile)
-    joined = LFM2AudioModel.from_pretrained(folder, **kw)
     join = loading.join_sibling_projections
-    loading.join_sibling_projections = lambda model, **kw: 0
+    groups: list[int] = []
+
+    def counted(model: torch.nn.Module, **join_kw: Any) -> int:
+        groups.append(join(model, **join_kw))
+        return groups[-1]
+
+    loading.join_sibling_projections = counted
     try:
+        joined = LFM2AudioModel.from_pretrained(folder, **kw)
+        loading.join_sibling_projections = lambda model, **kw: 0
         separate = LFM2AudioModel.from_pretrained(folder, **kw)
     finally:
         loading.join_sibling_projections = join
-    return {"joined": joined, "separate": separate}
+    return {"joined": joined, "separate": separate}, groups[0]
 
 
 @torch.inference_mode()
@@ -87,12 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "joined_projections.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = load_pair(args.model, args.quantize, args.compile)
-    joined = models["joined"]
-    groups = sum(1 for n, _ in joined.named_modules() if n.endswith((".w13", ".qkv_proj")))
+    models, groups = load_pair(args.model, args.quantize, args.compile)
     results = measure(models, args.rounds)
     label = args.quantize + (" compiled" if args.compile else "")
-    print(f"{label}, {args.threads} threads, {args.rounds} rounds; joined layers in the model: {groups}")
+    print(f"{label}, {args.threads} threads, {args.rounds} rounds; groups of layers joined: {groups}")
     print("| call | joined ms (median) | separate ms (median) | joined / separate, paired: median (quartiles) |")
     print("|---|---:|---:|---:|")
     for what, r in results.items():
