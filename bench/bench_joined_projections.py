@@ -1,8 +1,8 @@
 """What joining sibling projections saves: the quantized model loaded twice, joined and not, timed in turn.
 
-``join_sibling_projections`` (``lfm2audio.model.quantize``) makes each feed-forward's ``w1`` + ``w3`` and
-each backbone attention block's q + k + v one layer. The outputs are the same bits, so the only question
-is time. Both models are loaded in one process (the full-size int8 model is ~2.6 GB), and each
+While loading, a quantized model's feed-forwards (``w1`` + ``w3``) and backbone attention blocks (q + k + v)
+are made one layer each (``join_projections`` in ``lfm2audio.model.quantize``). The outputs are the same
+bits, so the only question is time. Both models are loaded in one process (the full-size int8 model is ~2.6 GB), and each
 measurement alternates between them, one depthformer frame (8 codebooks) or one backbone decode step
 at a time, with the order swapped every round. A shared machine's drift then hits both alike, and the
 paired ratio (joined / separate, per round) is the figure; the medians are shown too.
@@ -26,30 +26,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lfm2audio.loading as loading  # noqa: E402
 from lfm2audio import LFM2AudioModel  # noqa: E402
+from lfm2audio.model.lfm2 import Attention, SwiGLU  # noqa: E402
 from lfm2audio.model.quantize import QUANTIZE_CHOICES  # noqa: E402
 
 
 def load_pair(folder: Path, quantize: str, compile: bool) -> tuple[dict[str, LFM2AudioModel], int]:
-    """The model as ``from_pretrained`` loads it (joined), the same model with its layers left apart, and
-    how many groups of layers the first one joined."""
+    """The model as ``from_pretrained`` loads it (joined), the same model with nothing joined (the modules'
+    ``joinable`` emptied while it loads), and how many groups of layers the first one holds."""
     kw: dict[str, Any] = dict(device="cpu", dtype=torch.float32, quantize=quantize, compile=compile)
-    join = loading.join_sibling_projections
-    groups: list[int] = []
-
-    def counted(model: torch.nn.Module, **join_kw: Any) -> int:
-        groups.append(join(model, **join_kw))
-        return groups[-1]
-
-    loading.join_sibling_projections = counted
+    joined = LFM2AudioModel.from_pretrained(folder, **kw)
+    owners = (SwiGLU, Attention)
+    saved = [cls.joinable for cls in owners]
     try:
-        joined = LFM2AudioModel.from_pretrained(folder, **kw)
-        loading.join_sibling_projections = lambda model, **kw: 0
+        for cls in owners:
+            cls.joinable = {}
         separate = LFM2AudioModel.from_pretrained(folder, **kw)
     finally:
-        loading.join_sibling_projections = join
-    return {"joined": joined, "separate": separate}, groups[0]
+        for cls, joinable in zip(owners, saved, strict=True):
+            cls.joinable = joinable
+    groups = sum(1 for m in joined.modules() if getattr(m, "w13", None) is not None)
+    groups += sum(1 for m in joined.modules() if isinstance(m, Attention) and m.qkv_proj is not None)
+    return {"joined": joined, "separate": separate}, groups
 
 
 @torch.inference_mode()

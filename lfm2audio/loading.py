@@ -25,7 +25,7 @@ from lfm2audio.model.quantize import (
     DEFAULT_GROUP_SIZE,
     Quantize,
     check_quantize,
-    join_sibling_projections,
+    join_projections,
     quantize_tied_heads,
     quantized_linear,
     quantized_module_names,
@@ -203,7 +203,8 @@ def load_into_meta_model(
     their weights arrive (read in the file's dtype, quantized, then dropped), one tensor at a time.
     Peak memory then is the quantized weights plus one layer's temporaries and the open map's pages:
     the file is mapped 64 MB at a time (int4 peaked 1.33x its weights with 256 MB maps and float32
-    copies on a 2-core Xeon; the issue allows 1.3x).
+    copies on a 2-core Xeon; the issue allows 1.3x). The layers of a joined group (``_joins``) are kept
+    as read until the group is complete, then quantized as one.
     """
     where = str(path)
     expected = model.state_dict(keep_vars=True)
@@ -215,8 +216,25 @@ def load_into_meta_model(
     to_quantize = set(quantized_module_names(model)) if quantize else set()
     for owner in to_quantize:
         dtypes[f"{owner}.weight"] = None  # as stored: the quantizers convert a block of rows at a time
+    joins = _joins(model, to_quantize)
+
+    def make(weight: Tensor, bias: Tensor | None) -> nn.Module:
+        return quantized_linear(weight, bias, quantize, group_size)  # type: ignore[arg-type]
+
     for name, tensor in read_converted(path, dtypes, device, (64 << 20) if quantize else (256 << 20)):
         owner, _, attr = name.rpartition(".")
+        if owner in joins:
+            # A part of a joined layer: kept as read until its siblings are in, then quantized with them.
+            model.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+            del tensor
+            joiner_name, joined = joins[owner]
+            joiner = model.get_submodule(joiner_name)
+            parts = [getattr(joiner, p) for p in joiner.joinable[joined]]
+            if all(t.device.type != "meta" for part in parts for t in part.parameters()):
+                del parts
+                join_projections(joiner, joined, make)
+                release_freed_memory()
+            continue
         module = model.get_submodule(owner)
         if owner in to_quantize and attr == "weight":
             parent, _, child = owner.rpartition(".")
@@ -239,6 +257,18 @@ def load_into_meta_model(
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"{where}: tensors left uninitialised after loading: {leftover[:10]}")
+
+
+def _joins(model: nn.Module, to_quantize: set[str]) -> dict[str, tuple[str, str]]:
+    """{name of a layer to quantize: (its owner's name, the joined layer's name)} for each group of a
+    module's ``joinable`` whose layers are all quantized (``lfm2audio.model.quantize.join_projections``)."""
+    joins: dict[str, tuple[str, str]] = {}
+    for owner_name, owner in model.named_modules():
+        for joined, parts in getattr(owner, "joinable", {}).items():
+            names = [f"{owner_name}.{p}" if owner_name else p for p in parts]
+            if all(n in to_quantize for n in names) and not any(rotated_input(n) for n in names):
+                joins.update(dict.fromkeys(names, (owner_name, joined)))
+    return joins
 
 
 def load_model(
@@ -269,6 +299,5 @@ def load_model(
     model.retie()
     if quantize:
         quantize_tied_heads(model)
-        join_sibling_projections(model, after_each=release_freed_memory)
         release_freed_memory()
     return model.eval()

@@ -15,6 +15,7 @@ from golden_chat import INPUT_NAMES, build_state
 
 from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
 from lfm2audio.model import quantize
+from lfm2audio.model.lfm2 import SwiGLU
 from lfm2audio.model.linear import Linear
 from lfm2audio.model.quantize import (
     Int4Linear,
@@ -22,7 +23,8 @@ from lfm2audio.model.quantize import (
     W8A8Linear,
     act_levels,
     int8_linear,
-    join_quantized,
+    join_float_projections,
+    join_projections,
     quantize_int4,
     quantize_int8,
     quantized_linear,
@@ -160,50 +162,53 @@ def test_w8a8_rotated_input_computes_the_same_product():
 
 
 JOIN_KINDS = {
-    "w8a8": lambda w: W8A8Linear.from_float(w),
-    "int8 weight-only": lambda w: Int8Linear.from_float(w),
-    "int4": lambda w: Int4Linear.from_float(w, 64),
+    "w8a8": W8A8Linear.from_float,
+    "int8 weight-only": Int8Linear.from_float,
+    "int4": lambda w, b: Int4Linear.from_float(w, 64, b),
 }
 
 
 @pytest.mark.parametrize("kind", JOIN_KINDS)
 def test_joined_projections_give_the_separate_layers_bits(kind):
-    """q, k and v (or w1 and w3) joined into one layer: its output is exactly the separate layers'
-    outputs side by side, for one row, several rows and (B, T, D) inputs; the parts' weights are gone."""
+    """A feed-forward's w1 and w3 quantized as one layer: the same output bits as quantized apart, for
+    one row, several rows and (B, T, D) inputs; the float parts are gone."""
     if kind == "w8a8" and not w8a8_available():
         pytest.skip("needs fbgemm (x86 builds of torch)")
-    g = torch.Generator().manual_seed(5)
-    parts = [JOIN_KINDS[kind](torch.randn(rows, 256, generator=g) * 0.02) for rows in (128, 64, 64)]
-    joined = join_quantized(parts)
-    assert type(joined) is type(parts[0]) and (joined.in_features, joined.out_features) == (256, 256)
-    for x in (torch.randn(1, 256, generator=g), torch.randn(5, 256, generator=g), torch.randn(2, 3, 256, generator=g)):
-        assert torch.equal(joined(x), torch.cat([m(x) for m in parts], -1))
+    make = JOIN_KINDS[kind]
+    torch.manual_seed(5)
+    separate = SwiGLU(128, 256)
+    for layer in separate.parameters():
+        torch.nn.init.normal_(layer, std=0.05)
+    joined = copy.deepcopy(separate)
+    join_projections(joined, "w13", make)
+    assert joined.w13.out_features == 512 and not hasattr(joined, "w1") and not hasattr(joined, "w3")
+    for ff in (separate, joined):
+        ff.w2 = make(ff.w2.weight.detach(), None)
+    separate.w1, separate.w3 = (make(w.weight.detach(), None) for w in (separate.w1, separate.w3))
+    assert type(joined.w13) is type(separate.w1)
+    for x in (torch.randn(1, 128), torch.randn(5, 128), torch.randn(2, 3, 128)):
+        assert torch.equal(joined(x), separate(x))
 
 
-def test_join_refuses_what_it_cannot_join():
-    g = torch.Generator().manual_seed(6)
-    w = [torch.randn(64, 128, generator=g) * 0.02 for _ in range(2)]
-    assert join_quantized([Linear(128, 64, bias=False), Linear(128, 64, bias=False)]) is None  # float: as stored
-    assert join_quantized([Int8Linear.from_float(w[0]), Int4Linear.from_float(w[1], 64)]) is None  # mixed kinds
-    assert join_quantized([Int8Linear.from_float(w[0], torch.zeros(64)), Int8Linear.from_float(w[1])]) is None
-    assert join_quantized([Int8Linear.from_float(w[0]), Int8Linear.from_float(w[1][:, :64])]) is None
-    # int4's packed layout is made of 64-row blocks: a 48-row part can only be the last one.
-    short = Int4Linear.from_float(torch.randn(48, 128, generator=g), 64)
-    assert join_quantized([short, Int4Linear.from_float(w[0], 64)]) is None
-    assert join_quantized([Int4Linear.from_float(w[0], 64), short]) is not None
-    if w8a8_available():
-        rotated = W8A8Linear.from_float(w[0], rotate=True)
-        assert join_quantized([rotated, W8A8Linear.from_float(w[1])]) is None
+def test_join_float_projections_joins_whole_float_groups_only():
+    ff, done = SwiGLU(64, 128), SwiGLU(64, 128)
+    done.w1 = Int8Linear.from_float(done.w1.weight.detach())  # already quantized: left as it is
+    root = torch.nn.ModuleList([ff, done])
+    assert join_float_projections(root, Int8Linear.from_float) == 1
+    assert isinstance(ff.w13, Int8Linear) and done.w13 is None and isinstance(done.w3, Linear)
 
 
-def test_loaded_model_joins_sibling_projections_without_changing_its_outputs(checkpoint_dir, monkeypatch):
-    """The int8 model's feed-forwards (w1 + w3) and attention blocks (q + k + v) are single layers;
-    its outputs are those of the same model loaded without joining, bit for bit."""
-    import lfm2audio.loading as loading
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_loaded_model_joins_sibling_projections_without_changing_its_outputs(checkpoint_dir, monkeypatch, mode):
+    """The quantized model's feed-forwards (w1 + w3) and attention blocks (q + k + v) are single layers;
+    its outputs are those of the same model loaded with nothing joined, bit for bit."""
+    from lfm2audio.model.lfm2 import Attention
 
-    joined = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
-    monkeypatch.setattr(loading, "join_sibling_projections", lambda model, **kw: 0)
-    separate = LFM2AudioModel.from_pretrained(checkpoint_dir, device="cpu", dtype=torch.float32, quantize="int8")
+    kw = dict(device="cpu", dtype=torch.float32, quantize=mode)
+    joined = LFM2AudioModel.from_pretrained(checkpoint_dir, **kw)
+    monkeypatch.setattr(SwiGLU, "joinable", {})
+    monkeypatch.setattr(Attention, "joinable", {})
+    separate = LFM2AudioModel.from_pretrained(checkpoint_dir, **kw)
     layers = joined.lfm.layers
     assert all(blk.feed_forward.w13 is not None and not hasattr(blk.feed_forward, "w1") for blk in layers)
     attention = [blk.self_attn for blk in layers if blk.is_attention]
@@ -254,17 +259,15 @@ def test_from_pretrained_quantizes_backbone_and_audio_head(model_q):
     mode, model = model_q
     quantized = {n for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
     floats = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    ff = model.lfm.layers[0].feed_forward
-    # int8 joins w1 and w3 into one layer; the tiny model's 160-row w1 does not fit int4's 64-row blocks.
-    gate = "w13" if mode == "int8" else "w1"
-    assert f"lfm.layers.0.feed_forward.{gate}" in quantized and "depth_linear" in quantized
+    assert "lfm.layers.0.feed_forward.w13" in quantized and "depth_linear" in quantized  # w1 + w3 joined
     assert "depthformer.layers.0.operator.qkv_proj" in quantized
     assert {f"depth_embeddings.{k}.to_logits" for k in range(8)} <= quantized  # tied heads: quantized copies
     assert not any(n.startswith(("lfm.", "depthformer.", "depth_linear", "depth_embeddings.")) for n in floats)
     assert any(n.startswith("conformer.") for n in floats) and any(n.startswith("audio_adapter.") for n in floats)
     # Embeddings stay float (lookups), so the model's dtype and its caches do too.
     assert model.dtype == torch.float32 and model.depth_embeddings[0].embedding.weight.dtype == torch.float32
-    assert isinstance(ff.w1 if ff.w13 is None else ff.w13, Int4Linear if mode == "int4" else MODEL_INT8)
+    w13 = model.get_submodule("lfm.layers.0.feed_forward.w13")
+    assert isinstance(w13, Int4Linear if mode == "int4" else MODEL_INT8)
     assert isinstance(model.depth_embeddings[0].to_logits, MODEL_INT8)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from lfm2audio.codec.detokenizer import AudioDetokenizer
 from lfm2audio.codec.mimi import MimiCodec
 from lfm2audio.codec.seanet import CausalConv1d, CausalConvTranspose1d
-from lfm2audio.model.quantize import Int8Linear, join_sibling_projections
+from lfm2audio.model.quantize import Int8Linear, join_float_projections
 
 MIN_CONV_WEIGHTS = 1 << 20
 
@@ -61,8 +61,8 @@ def quantize_detokenizer_int8(detokenizer: AudioDetokenizer) -> AudioDetokenizer
     Its six 75 Hz positions of a frame read every backbone weight once, as Mimi's transformer does.
     The output head (``lin``, 0.7 M weights) keeps its dtype, as do the embedding and the ISTFT.
     """
+    join_float_projections(detokenizer.lfm, Int8Linear.from_float)  # w1 + w3, q + k + v: one product each
     _int8_linears(detokenizer.lfm)
-    join_sibling_projections(detokenizer.lfm)
     return detokenizer
 
 

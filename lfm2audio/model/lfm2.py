@@ -10,7 +10,6 @@ different positions can be stepped together.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,31 +48,22 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(xf, (xf.shape[-1],), None, self.eps).to(x.dtype)
 
 
-JoinLayers = Callable[[list[nn.Module]], "nn.Module | None"]
-
-
 class SwiGLU(nn.Module):
+    # Sibling projections of one input that a quantized model holds as one layer (quantize.join_projections).
+    joinable = {"w13": ("w1", "w3")}
+
     def __init__(self, dim: int, ff_dim: int) -> None:
         super().__init__()
         self.w1 = Linear(dim, ff_dim, bias=False)
         self.w3 = Linear(dim, ff_dim, bias=False)
         self.w2 = Linear(ff_dim, dim, bias=False)
-        self.w13: nn.Module | None = None  # w1 and w3 as one quantized layer (join_projections)
+        self.w13: nn.Module | None = None  # w1 and w3 as one layer (quantized models)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
-
-    def join_projections(self, join: JoinLayers) -> bool:
-        """Replace ``w1`` and ``w3`` by ``join([w1, w3])`` where it gives a layer (quantized models: one
-        product instead of two, same outputs); the float model keeps its layers, as in the checkpoint."""
-        if self.w13 is not None or (joined := join([self.w1, self.w3])) is None:
-            return False
-        del self.w1, self.w3
-        self.w13 = joined
-        return True
 
 
 @dataclass
@@ -206,6 +196,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    joinable = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see SwiGLU
+
     def __init__(self, cfg: LFM2Config) -> None:
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -218,15 +210,7 @@ class Attention(nn.Module):
         self.out_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
-        self.qkv_proj: nn.Module | None = None  # q, k and v as one quantized layer (join_projections)
-
-    def join_projections(self, join: JoinLayers) -> bool:
-        """Replace the q, k and v projections by ``join`` of them where it gives a layer (see ``SwiGLU``)."""
-        if self.qkv_proj is not None or (joined := join([self.q_proj, self.k_proj, self.v_proj])) is None:
-            return False
-        del self.q_proj, self.k_proj, self.v_proj
-        self.qkv_proj = joined
-        return True
+        self.qkv_proj: nn.Module | None = None  # q, k and v as one layer (quantized models)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k and v of ``x`` (B, T, hidden), each (B, T, heads, head_dim)."""

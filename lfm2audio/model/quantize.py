@@ -20,9 +20,9 @@ group size; a layer that does not fit (e.g. a 2049-wide codebook head) is quanti
 CPU only: on other devices :func:`check_quantize` refuses with a clear error.
 
 The weights are quantized one tensor at a time, as they are read (see ``lfm2audio.loading``), so a
-float copy of the whole model never exists. Once loaded, sibling projections that read the same input
-(each feed-forward's ``w1`` and ``w3``, each backbone attention block's q, k and v) are joined into one
-layer of the same kind (``join_sibling_projections``): the same bits, one product instead of two or three.
+float copy of the whole model never exists. Sibling projections that read the same input (each
+feed-forward's ``w1`` and ``w3``, each backbone attention block's q, k and v: a module's ``joinable``)
+are quantized as one layer (``join_projections``): the same integers and scales, one product.
 """
 
 from __future__ import annotations
@@ -165,15 +165,6 @@ class W8A8Linear(nn.Module):
         if rotation is not None:
             weight = _rotate(weight.float(), rotation)
         q, scales = quantize_int8(weight, torch.float32)
-        return cls.from_int8(q, scales, bias, rotation)
-
-    @classmethod
-    def from_int8(
-        cls, q: Tensor, scales: Tensor, bias: Tensor | None = None, rotation: Tensor | None = None
-    ) -> W8A8Linear:
-        """The layer of int8 weights ``q`` (out, in) with float32 row ``scales`` (out,), packed for fbgemm
-        (``q`` and ``scales`` are of the rotated weight where ``rotation`` is given)."""
-        out_features, in_features = q.shape
         previous = torch.backends.quantized.engine
         with warnings.catch_warnings():
             # torch 2.13 deprecates the qint8 tensor the packing op takes; w8a8_available() turns this layer
@@ -189,11 +180,6 @@ class W8A8Linear(nn.Module):
             finally:
                 torch.backends.quantized.engine = previous
         return cls(packed, in_features, out_features, bias, rotation)
-
-    def int8_weight(self) -> tuple[Tensor, Tensor]:
-        """(int8 weights (out, in), float32 row scales (out,)) as packed (of the rotated weight, if any)."""
-        qweight, _ = torch.ops.quantized.linear_unpack(self.packed)
-        return qweight.int_repr(), qweight.q_per_channel_scales().float()
 
     def dequantize(self) -> Tensor:
         """The float weight the layer applies to its (unrotated) input."""
@@ -520,61 +506,40 @@ def quantize_tied_heads(model: nn.Module) -> None:
             module.to_logits = int8_linear(module.embedding.weight.detach(), head.bias)
 
 
-def join_quantized(layers: list[nn.Module]) -> nn.Module | None:
-    """One quantized layer whose output is ``torch.cat([layer(x) for layer in layers], -1)``, or None
-    where ``layers`` cannot be joined (float layers, mixed kinds, rotated inputs, biases, or an int4
-    split the packed layout cannot take).
+MakeLayer = Callable[[Tensor, "Tensor | None"], nn.Module]  # (float weight (out, in), bias) -> a layer
 
-    Sibling projections that read the same input (a feed-forward's ``w1`` and ``w3``, an attention
-    block's q, k and v) then cost one product: a decode step's products are matrix-vector ones, and
-    each call pays its own input quantization and dispatch besides reading the weights. Measured on a
-    2-core Zen 3, one row: the full-size depthformer's ``w1`` + ``w3`` took 0.70 ms as two W8A8 layers,
-    0.50 as one; the backbone's 2.4 against 2.1-2.3 ms. Every output channel keeps its own integer
-    weights, scale and sum, so the joined layer's outputs are the separate layers' bits
-    (``tests/test_quantize.py`` checks it for each kind).
+
+def join_projections(owner: nn.Module, name: str, make: MakeLayer) -> None:
+    """Replace ``owner``'s float layers ``owner.joinable[name]`` by one layer ``make(weight, bias)`` named
+    ``name``, their weights stacked in order: its output is theirs side by side.
+
+    Sibling projections read the same input, so one product reads all their weights: a decode step's
+    products are matrix-vector ones, and each quantized call also pays its own input quantization and
+    dispatch. Quantization is per output row (int8) or per row and group (int4), so the joined layer
+    holds the very integers and scales of the separate ones, and gives their bits
+    (``tests/test_quantize.py``). Measured on a 2-core Zen 3, full-size random weights, int8, paired:
+    a depthformer frame 0.92x, a backbone step 0.93x the separate layers' time
+    (``bench/bench_joined_projections.py``).
     """
-    if len(layers) < 2 or len({type(m) for m in layers}) != 1 or len({m.in_features for m in layers}) != 1:
-        return None
-    if any(getattr(m, "bias", None) is not None for m in layers):
-        return None
-    first = layers[0]
-    if isinstance(first, W8A8Linear):
-        if any(m.rotation is not None or m.levels != first.levels for m in layers):
-            return None
-        parts = [m.int8_weight() for m in layers]
-        return W8A8Linear.from_int8(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]))
-    if isinstance(first, Int8Linear):
-        joined = Int8Linear(first.in_features, sum(m.out_features for m in layers))
-        joined.weight = torch.cat([m.weight for m in layers])
-        joined.scales = torch.cat([m.scales for m in layers])
-        return joined
-    if isinstance(first, Int4Linear):
-        # The packed layout is made of 64-row blocks: parts join where each but the last fills whole blocks.
-        if len({m.group_size for m in layers}) != 1 or not int4_packs_by_rows():
-            return None
-        if any(m.out_features % INT4_PACK_ROWS for m in layers[:-1]):
-            return None
-        joined = Int4Linear(first.in_features, sum(m.out_features for m in layers), first.group_size)
-        joined.weight = torch.cat([m.weight for m in layers])
-        joined.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], 1)
-        return joined
-    return None
+    parts = [getattr(owner, part) for part in owner.joinable[name]]
+    weight = torch.cat([p.weight.detach() for p in parts])
+    biases = [p.bias for p in parts]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features) for p in parts])
+    del parts, biases
+    for part in owner.joinable[name]:
+        delattr(owner, part)
+    setattr(owner, name, make(weight, bias))
 
 
-def join_sibling_projections(model: nn.Module, after_each: Callable[[], None] | None = None) -> int:
-    """Join each quantized module's sibling projections (``join_projections`` of the modules that have
-    one: ``join_quantized`` decides what can be joined); returns how many groups were joined.
-
-    Peak memory: only the owners are listed before the walk (a list of every module would keep each
-    part alive to the end), and ``after_each`` runs after each join, where the loader hands the parts'
-    freed pages back to the OS. Measured on the full-size int8 model, peak RSS over its weights: 1.24x
-    not joined; joined 1.43x with every part alive to the end, 1.36x with them freed but not handed
-    back, 1.23x as done here."""
-    owners = [m for m in model.modules() if callable(getattr(m, "join_projections", None))]
+def join_float_projections(root: nn.Module, make: MakeLayer) -> int:
+    """``join_projections`` for every group below ``root`` whose layers are all float ``nn.Linear``
+    (a model loaded in float, then quantized); returns how many groups were joined."""
     joined = 0
-    for owner in owners:
-        if owner.join_projections(join_quantized):
-            joined += 1
-            if after_each is not None:
-                after_each()
+    for owner in [m for m in root.modules() if getattr(m, "joinable", None)]:
+        for name, part_names in owner.joinable.items():
+            if all(isinstance(getattr(owner, p, None), nn.Linear) for p in part_names):
+                join_projections(owner, name, make)
+                joined += 1
     return joined
