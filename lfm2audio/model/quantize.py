@@ -518,9 +518,8 @@ def join_projections(owner: nn.Module, name: str, make: MakeLayer) -> None:
     dispatch. Quantization is per output row (int8) or per row and group (int4), so the joined layer
     holds the very integers and scales of the separate ones, and gives their bits
     (``tests/test_quantize.py``). Measured on a 2-core Zen 3, full-size random weights, int8, paired:
-    a depthformer frame 0.92x, a backbone step 0.93x the separate layers' time
-    (``bench/bench_joined_projections.py``).
-    """
+    a depthformer frame 0.92x, a backbone step 0.93-0.97x the separate layers' time
+    (``bench/bench_joined_projections.py``)."""
     parts = [getattr(owner, part) for part in owner.joinable[name]]
     weight = torch.cat([p.weight.detach() for p in parts])
     biases = [p.bias for p in parts]
