@@ -1,11 +1,12 @@
 """What joining sibling projections saves: the quantized model loaded twice, joined and not, timed in turn.
 
-While loading, a quantized model's feed-forwards (``w1`` + ``w3``) and backbone attention blocks (q + k + v)
-are made one layer each (``join_projections`` in ``lfm2audio.model.quantize``). The outputs are the same
-bits, so the only question is time. Both models are loaded in one process (the full-size int8 model is ~2.6 GB), and each
-measurement alternates between them, one depthformer frame (8 codebooks) or one backbone decode step
-at a time, with the order swapped every round. A shared machine's drift then hits both alike, and the
-paired ratio (joined / separate, per round) is the figure; the medians are shown too.
+While loading, a quantized model's feed-forwards (``w1`` + ``w3``) and backbone attention blocks
+(q + k + v) are made one layer each (``join_projections`` in ``lfm2audio.model.quantize``). The outputs
+are the same bits, so the only question is time. Both models are loaded in one process (the full-size
+int8 model is ~2.6 GB), and each measurement alternates between them, one depthformer frame (8
+codebooks) or one backbone decode step at a time, with the order swapped every round. A shared
+machine's drift then hits both alike, and the paired ratio (joined / separate, per round) is the
+figure; the medians are shown too.
 
     python bench/bench_model.py --make-checkpoint /tmp/lfm2audio_quant_full   # full-size random weights
     python bench/bench_joined_projections.py --model /tmp/lfm2audio_quant_full --quantize int8 [--compile]
