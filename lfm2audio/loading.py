@@ -26,6 +26,7 @@ from lfm2audio.model.quantize import (
     Quantize,
     check_quantize,
     join_projections,
+    joinable_groups,
     quantize_tied_heads,
     quantized_linear,
     quantized_module_names,
@@ -263,11 +264,10 @@ def _joins(model: nn.Module, to_quantize: set[str]) -> dict[str, tuple[str, str]
     """{name of a layer to quantize: (its owner's name, the joined layer's name)} for each group of a
     module's ``joinable`` whose layers are all quantized (``lfm2audio.model.quantize.join_projections``)."""
     joins: dict[str, tuple[str, str]] = {}
-    for owner_name, owner in model.named_modules():
-        for joined, parts in getattr(owner, "joinable", {}).items():
-            names = [f"{owner_name}.{p}" if owner_name else p for p in parts]
-            if all(n in to_quantize for n in names) and not any(rotated_input(n) for n in names):
-                joins.update(dict.fromkeys(names, (owner_name, joined)))
+    for owner_name, _, joined, parts in joinable_groups(model):
+        names = [f"{owner_name}.{p}" if owner_name else p for p in parts]
+        if all(n in to_quantize for n in names) and not any(rotated_input(n) for n in names):
+            joins.update(dict.fromkeys(names, (owner_name, joined)))
     return joins
 
 

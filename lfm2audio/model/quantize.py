@@ -532,13 +532,22 @@ def join_projections(owner: nn.Module, name: str, make: MakeLayer) -> None:
     setattr(owner, name, make(weight, bias))
 
 
+def joinable_groups(root: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ...]]]:
+    """(owner's name, owner, joined layer's name, its parts' names) of each group of a module's
+    ``joinable`` below ``root``; a list, so that joining while walking it changes nothing it walks."""
+    return [
+        (owner_name, owner, joined, parts)
+        for owner_name, owner in root.named_modules()
+        for joined, parts in getattr(owner, "joinable", {}).items()
+    ]
+
+
 def join_float_projections(root: nn.Module, make: MakeLayer) -> int:
     """``join_projections`` for every group below ``root`` whose layers are all float ``nn.Linear``
     (a model loaded in float, then quantized); returns how many groups were joined."""
     joined = 0
-    for owner in [m for m in root.modules() if getattr(m, "joinable", None)]:
-        for name, part_names in owner.joinable.items():
-            if all(isinstance(getattr(owner, p, None), nn.Linear) for p in part_names):
-                join_projections(owner, name, make)
-                joined += 1
+    for _, owner, name, parts in joinable_groups(root):
+        if all(isinstance(getattr(owner, p, None), nn.Linear) for p in parts):
+            join_projections(owner, name, make)
+            joined += 1
     return joined
