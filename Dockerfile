@@ -69,6 +69,19 @@ RUN pip install --no-cache-dir --no-deps . \
     && lfm2audio-server --help > /dev/null \
     && rm -rf /opt/lfm2audio-src/build /opt/lfm2audio-src/*.egg-info
 
+# The CPU image ships the AVX2 int4 kernel built (lfm2audio/model/w4a8.py): a compiler is installed for
+# this step only. Where the build machine has no AVX2 (an emulated build) nothing is built, and int4
+# layers use PyTorch's slower kernel.
+ENV LFM2AUDIO_KERNEL_CACHE=/opt/lfm2audio-kernels
+# hadolint ignore=DL3008
+RUN if [ "$VARIANT" = cpu ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && python -c "from lfm2audio.model import w4a8; print('int4 kernel built:', w4a8.available())" \
+        && apt-get purge -y --auto-remove gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # Hugging Face cache: mount a volume here so weights survive restarts and are shared between replicas.
 # The server binds 127.0.0.1 by default: listen on all interfaces of the container. The web client is
 # served at / when it is part of the checkout (the server ignores a missing folder).

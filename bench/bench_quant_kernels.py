@@ -6,7 +6,10 @@ feed-forward) it times each kernel that ``--quantize`` can use here against floa
 * ``w8a8``: ``W8A8Linear``, int8 weights and int8 activations on fbgemm's u8 x s8 kernel (``int8`` mode;
   on a CPU without VNNI each row is fed twice, as the layer does there);
 * ``int8wo``: ``Int8Linear``, weight-only int8, bf16 activations (``int8`` where fbgemm is missing, the codecs);
-* ``int4``: ``Int4Linear``, weight-only int4 in groups of 128, bf16 activations (``int4`` mode).
+* ``int4``: ``Int4Linear``, weight-only int4 in groups of 128, bf16 activations (``int4`` mode where the
+  AVX2 kernel is missing);
+* ``w4a8``: ``W4A8Linear``, the same int4 weights with int8 activations on the AVX2 kernel of
+  ``lfm2audio/model/w4a8.c`` (``int4`` mode on x86-64 CPUs with AVX2 and a C compiler).
 
 A decode step reads every weight of the model once, far more than any cache holds, so each kernel
 cycles through enough copies of a layer that they fill several times the last-level cache: what is
@@ -40,10 +43,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_model import weights_gb  # noqa: E402
 
+from lfm2audio.model import w4a8  # noqa: E402
 from lfm2audio.model.quantize import (  # noqa: E402
     DEFAULT_GROUP_SIZE,
     Int4Linear,
     Int8Linear,
+    W4A8Linear,
     W8A8Linear,
     act_levels,
     w8a8_available,
@@ -58,7 +63,7 @@ FULL_SHAPES = [
     ("depthformer w2", 1024, 2816),
 ]
 QUICK_SHAPES = [("quick", 256, 128), ("quick w2", 128, 256)]
-KERNELS = ("float32", "bfloat16", "w8a8", "int8wo", "int4")
+KERNELS = ("float32", "bfloat16", "w8a8", "int8wo", "int4", "w4a8")
 
 
 def last_level_cache_bytes() -> int:
@@ -86,6 +91,7 @@ def build(kernel: str, weight: Tensor) -> tuple[Callable[[Tensor], Tensor], int]
         "w8a8": lambda: W8A8Linear.from_float(weight),
         "int8wo": lambda: Int8Linear.from_float(weight),
         "int4": lambda: Int4Linear.from_float(weight, DEFAULT_GROUP_SIZE),
+        "w4a8": lambda: W4A8Linear.from_float(weight, DEFAULT_GROUP_SIZE),
     }
     if kernel not in layers:
         raise ValueError(kernel)
@@ -126,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     seconds = 0.05 if args.quick else args.seconds
     cache = (1 << 20) if args.quick else last_level_cache_bytes()
-    kernels = [k for k in KERNELS if k != "w8a8" or w8a8_available()]
+    missing = {"w8a8"} if not w8a8_available() else set()
+    missing |= {"w4a8"} if not w4a8.available() else set()
+    kernels = [k for k in KERNELS if k not in missing]
     gen = torch.Generator().manual_seed(0)
     results = []
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\nquantized kernels, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"last-level cache {cache >> 20} MiB (each kernel streams >= 4x that), ms per layer (weight GB/s)"
     )
-    print(f"(w8a8 = {w8a8}; missing where fbgemm is not built in)")
+    print(f"(w8a8 = {w8a8}; missing where fbgemm is not built in; w4a8 missing without AVX2 or a C compiler)")
     print("| threads | layer | rows | " + " | ".join(kernels) + " |")
     print("|---:|---|---:|" + "---:|" * len(kernels))
     keys = list(dict.fromkeys((r["threads"], r["layer"], r["rows"]) for r in results))  # in the order run

@@ -14,12 +14,13 @@ import torch
 from golden_chat import INPUT_NAMES, build_state
 
 from lfm2audio import LFM2AudioModel, LFM2AudioProcessor
-from lfm2audio.model import quantize
+from lfm2audio.model import quantize, w4a8
 from lfm2audio.model.lfm2 import SwiGLU
 from lfm2audio.model.linear import Linear
 from lfm2audio.model.quantize import (
     Int4Linear,
     Int8Linear,
+    W4A8Linear,
     W8A8Linear,
     act_levels,
     int8_linear,
@@ -33,8 +34,10 @@ from lfm2audio.model.quantize import (
 from lfm2audio.model.quantize_eval import compare, depth_logits_forced, teacher_forced
 
 INT8 = (Int8Linear, W8A8Linear)
-QUANTIZED = (Int8Linear, W8A8Linear, Int4Linear)
+QUANTIZED = (Int8Linear, W8A8Linear, Int4Linear, W4A8Linear)
 MODEL_INT8 = W8A8Linear if w8a8_available() else Int8Linear  # what the model's int8 projections are here
+MODEL_INT4 = W4A8Linear if w4a8.available() else Int4Linear  # and its int4 ones
+needs_w4a8 = pytest.mark.skipif(not w4a8.available(), reason="needs the AVX2 int4 kernel (x86-64, AVX2, a C compiler)")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,10 +100,77 @@ def test_int4_packed_a_block_of_rows_at_a_time_is_the_whole_packing():
         assert torch.equal(sz_blocks, sz) and sz_blocks.dtype == sz.dtype  # equal() compares values only
 
 
-def test_int4_falls_back_to_int8_where_the_kernel_cannot():
-    w = torch.randn(2049, 64) * 0.02  # the kernel needs out % 16 == 0 (a codebook head has 2049 rows)
-    assert isinstance(quantized_linear(w, None, "int4"), MODEL_INT8)
+def test_int4_falls_back_where_its_kernels_cannot(monkeypatch):
+    """The AVX2 kernel takes any row count and groups of a multiple of 64 features; ATen's needs rows a
+    multiple of 16 (a codebook head has 2049); what fits neither is int8."""
+    head, narrow = torch.randn(2049, 64) * 0.02, torch.randn(64, 96) * 0.02  # 96 features: groups of 32
+    if w4a8.available():
+        assert isinstance(quantized_linear(head, None, "int4"), W4A8Linear)
+        assert isinstance(quantized_linear(narrow, None, "int4"), Int4Linear)
+    monkeypatch.setenv(w4a8.ENV_KERNEL, "aten")
+    assert not w4a8.available()
+    assert isinstance(quantized_linear(head, None, "int4"), MODEL_INT8)
     assert isinstance(quantized_linear(torch.randn(64, 64), None, "int4"), Int4Linear)
+
+
+@needs_w4a8
+def test_w4a8_has_int4s_weights_and_is_close_to_their_product():
+    """W4A8Linear holds Int4Linear's weights (the same codes and scales, another layout); its int8
+    activations, one scale per row and group, cost well under 1% of the output; a row gives the same
+    bits alone or in a batch, an all-zero row gives the bias, and (B, T, D) inputs work."""
+    g = torch.Generator().manual_seed(11)
+    w, b = torch.randn(80, 256, generator=g) * 0.02, torch.randn(80, generator=g)
+    layer = W4A8Linear.from_float(w, 128, b)
+    q, sz = quantize_int4(w, 128)
+    scale, zero = sz[..., 0].float().T, sz[..., 1].float().T
+    deq = ((q.float() - 8).view(80, 2, 128) * scale[..., None] + zero[..., None]).view(80, 256)
+    torch.testing.assert_close(w4a8.unpack(layer.weight, layer.scales, layer.corr), deq, rtol=0, atol=1e-6)
+    x = torch.randn(6, 256, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1e4, 1.0])[:, None]
+    x[3] = 0
+    y = layer(x)
+    for i in range(6):
+        assert torch.equal(layer(x[i : i + 1]), y[i : i + 1])
+        assert _rel(y[i] - b, x[i] @ deq.T) < 1e-2 or i == 3
+    assert torch.equal(y[3], b)
+    assert torch.equal(layer(x.view(2, 3, 256)), y.view(2, 3, 80))
+    assert W4A8Linear.from_float(w, 128)(x.bfloat16()).dtype == torch.bfloat16  # the model's dtype
+
+
+@needs_w4a8
+def test_w4a8_compiles_as_one_graph():
+    """fullgraph=True raises at a graph break: the kernel reaches inductor's graph as the custom op."""
+    from lfm2audio.model.compiled import have_cxx_compiler
+
+    if not have_cxx_compiler():
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    layer = W4A8Linear.from_float(torch.randn(64, 128) * 0.02, 64, torch.randn(64))
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_w4a8_builds_from_source_or_says_why(tmp_path, monkeypatch):
+    """A fresh cache compiles the kernel (where AVX2 is); a library in the cache needs no compiler (the CPU
+    image's case); without either, int4 gets a warning and ATen's kernel, not an error."""
+    if not w4a8._cpu_has_avx2():
+        pytest.skip("the kernel is for x86-64 CPUs with AVX2")
+    monkeypatch.setenv("LFM2AUDIO_KERNEL_CACHE", str(tmp_path / "built"))
+    w4a8._library.cache_clear()
+    try:
+        assert w4a8.available()
+        assert [p.name for p in (tmp_path / "built").iterdir()] == [w4a8.library_path().name]
+        assert isinstance(quantized_linear(torch.randn(64, 64), None, "int4"), W4A8Linear)
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        w4a8._library.cache_clear()
+        assert w4a8.available()  # built already
+        monkeypatch.setenv("LFM2AUDIO_KERNEL_CACHE", str(tmp_path / "empty"))
+        w4a8._library.cache_clear()
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert not w4a8.available()
+        assert isinstance(quantized_linear(torch.randn(64, 64), None, "int4"), Int4Linear)
+    finally:
+        monkeypatch.undo()
+        w4a8._library.cache_clear()
 
 
 @pytest.mark.skipif(not w8a8_available(), reason="needs fbgemm (x86 builds of torch)")
@@ -165,6 +235,7 @@ JOIN_KINDS = {
     "w8a8": W8A8Linear.from_float,
     "int8 weight-only": Int8Linear.from_float,
     "int4": lambda w, b: Int4Linear.from_float(w, 64, b),
+    "w4a8": lambda w, b: W4A8Linear.from_float(w, 64, b),
 }
 
 
@@ -174,6 +245,8 @@ def test_joined_projections_give_the_separate_layers_bits(kind):
     one row, several rows and (B, T, D) inputs; the float parts are gone."""
     if kind == "w8a8" and not w8a8_available():
         pytest.skip("needs fbgemm (x86 builds of torch)")
+    if kind == "w4a8" and not w4a8.available():
+        pytest.skip("needs the AVX2 int4 kernel")
     make = JOIN_KINDS[kind]
     torch.manual_seed(5)
     separate = SwiGLU(128, 256)
@@ -267,7 +340,7 @@ def test_from_pretrained_quantizes_backbone_and_audio_head(model_q):
     # Embeddings stay float (lookups), so the model's dtype and its caches do too.
     assert model.dtype == torch.float32 and model.depth_embeddings[0].embedding.weight.dtype == torch.float32
     w13 = model.get_submodule("lfm.layers.0.feed_forward.w13")
-    assert isinstance(w13, Int4Linear if mode == "int4" else MODEL_INT8)
+    assert isinstance(w13, MODEL_INT4 if mode == "int4" else MODEL_INT8)
     assert isinstance(model.depth_embeddings[0].to_logits, MODEL_INT8)
 
 
@@ -422,6 +495,7 @@ def test_kernel_bench_quick_run_compares_every_kernel_with_float32(tmp_path):
         assert r["ms"] > 0 and r["copies"] >= 1
         worst[r["kernel"]] = max(worst.get(r["kernel"], 0.0), r["rel_error"])
     expected = {"float32", "bfloat16", "int8wo", "int4"} | ({"w8a8"} if w8a8_available() else set())
+    expected |= {"w4a8"} if w4a8.available() else set()
     assert set(worst) == expected
     assert worst["float32"] < 1e-6 and worst["bfloat16"] < 0.01
     assert worst["int8wo"] < 0.02 and worst.get("w8a8", 0.0) < 0.02

@@ -1,12 +1,15 @@
-"""Int8 / int4 linear layers for CPU, built with PyTorch's own kernels.
+"""Int8 / int4 linear layers for CPU, built with PyTorch's own kernels and one of this project's.
 
 - ``int8``: symmetric, one scale per output channel. The model's projections are ``W8A8Linear``:
   int8 activations too (each row scaled to its own peak), on fbgemm's packed u8 x s8 kernel, which
   reads the weights at the memory's speed; where fbgemm is missing, ``Int8Linear``:
   ``aten._weight_int8pack_mm`` with bf16 activations (the codec's layers use it too).
-- ``int4``: weight-only, asymmetric, a scale and a zero point per ``group_size`` input features of
-  each output channel; ``aten._weight_int4pack_mm_for_cpu`` on the layout of
-  ``aten._convert_weight_to_int4pack_for_cpu``.
+- ``int4``: asymmetric, a scale and a zero point per ``group_size`` input features of each output
+  channel. On x86-64 with AVX2 the layers are ``W4A8Linear``: int8 activations too (per row and
+  group), on this project's own AVX2 kernel (``w4a8.py``), which reads the packed weights at the
+  memory's speed where PyTorch's int4 kernel is compute-bound; elsewhere ``Int4Linear``, weight-only,
+  ``aten._weight_int4pack_mm_for_cpu`` on the layout of ``aten._convert_weight_to_int4pack_for_cpu``.
+  Both hold the same codes and scales.
 
 The weight-only kernels take bfloat16 activations (measured on torch 2.13, this project's AVX-512
 CPU, an 8192x2048 layer, one row: int8 0.44 ms, int4 0.26 ms, float32 matmul 1.35 ms; with float32
@@ -37,6 +40,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from lfm2audio.model import w4a8
 
 Quantize = Literal["int8", "int4"]
 QUANTIZE_CHOICES: tuple[str, ...] = ("int8", "int4")
@@ -355,6 +360,51 @@ class Int4Linear(nn.Module):
         )
 
 
+class W4A8Linear(nn.Module):
+    """Int4Linear's weights (the same codes and scales) with int8 activations, on the AVX2 kernel of
+    ``w4a8.py``, which reads the packed weights at about the memory's speed where ATen's int4 kernel is
+    compute-bound. Each input row is quantized per group of ``group_size`` features on its own peak, so a
+    row gives the same bits alone or in any batch. Buffers: ``weight`` (out, in / 2) uint8 in the
+    kernel's layout, ``scales`` and ``corr`` (out, in / group_size) float32 (a weight is code * scale + corr).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if not w4a8.fits(in_features, group_size):
+            raise ValueError(f"W4A8Linear needs group_size % {w4a8.CHUNK} == 0 dividing in_features, "
+                             f"got in_features={in_features}, group_size={group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty((out_features, in_features // 2), dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty((out_features, groups), dtype=torch.float32))
+        self.register_buffer("corr", torch.empty((out_features, groups), dtype=torch.float32))
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+
+    @classmethod
+    def from_float(cls, weight: Tensor, group_size: int, bias: Tensor | None = None) -> W4A8Linear:
+        out_features, in_features = weight.shape
+        mod = cls(in_features, out_features, group_size, bias)
+        # A block of rows at a time, like pack_int4: a whole layer's int32 codes never exist at once.
+        parts = [w4a8.pack(*_int4_block(block, group_size)) for block in _row_blocks(weight, 8 << 20)]
+        mod.weight, mod.scales, mod.corr = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        product = w4a8.linear if torch.compiler.is_compiling() else w4a8.matmul  # the op only where traced
+        return _out(product(rows, self.weight, self.scales, self.corr), x, self.bias, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+
 def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     return out_features % 16 == 0 and in_features % group_size == 0 and group_size % 2 == 0
 
@@ -461,6 +511,8 @@ def quantized_linear(
     to int8 where it cannot fit."""
     out_features, in_features = weight.shape
     g = int4_group(in_features, group_size)
+    if quantize == "int4" and w4a8.available() and w4a8.fits(in_features, g):
+        return W4A8Linear.from_float(weight, g, bias)
     if quantize == "int4" and int4_fits(in_features, out_features, g):
         return Int4Linear.from_float(weight, g, bias)
     return int8_linear(weight, bias, rotate=rotate)
