@@ -53,6 +53,44 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+/* Output n of R consecutive rows from row m: the weights' nibbles are unpacked once for all R. Each
+ * row's operations and their order are the same for any R, so a row gives the same bits in any batch. */
+static inline __attribute__((always_inline)) void rows_dot(const uint8_t *wr, const float *sr, const float *cr,
+                                                           const int8_t *aq, const float *as, const float *asa,
+                                                           int64_t K, int64_t G, int64_t gs, int64_t N, int64_t m,
+                                                           int64_t n, float *y, const int R) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[4];
+  float c[4];
+  for (int r = 0; r < R; r++) {
+    acc[r] = _mm256_setzero_ps();
+    c[r] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; g++) {
+    __m256i dot[4];
+    for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
+    for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
+      const __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j / 2));
+      const __m256i lo = _mm256_and_si256(b, low);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+      for (int r = 0; r < R; r++) {
+        const int8_t *ar = aq + (m + r) * K + j;
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)ar);
+        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + 32));
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1));
+        dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p, ones));
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      const int64_t mg = (m + r) * G + g;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(sr[g] * as[mg]), acc[r]);
+      c[r] = fmaf(cr[g], asa[mg], c[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) y[(m + r) * N + n] = hsum(acc[r]) + c[r];
+}
+
 /* y (M, N) float32 = x (M, K) float32 @ W.T; K and gs multiples of 64, gs dividing K.
  * Returns 0, or -1 when the scratch for the quantized rows cannot be allocated. */
 int w4a8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, const float *corr,
@@ -62,34 +100,14 @@ int w4a8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const fl
   if (aq == NULL) return -1;
   float *as = (float *)(aq + M * K), *asa = as + M * G; /* M * K is a multiple of 64: aligned */
   quantize_rows(x, M, K, gs, aq, as, asa, nthreads);
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  const __m256i ones = _mm256_set1_epi16(1);
   /* A thread costs a few microseconds to start: small products (tiny test models) run on this one. */
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (N * K * M >= (1 << 16))
   for (int64_t n = 0; n < N; n++) {
-    const uint8_t *wr = w + n * (K / 2);
+    const uint8_t *wr = w + n * (K / 2); /* the row's K / 2 bytes stay in L1 across the batch */
     const float *sr = scales + n * G, *cr = corr + n * G;
-    for (int64_t m = 0; m < M; m++) { /* the row's K / 2 bytes stay in L1 across the batch */
-      const int8_t *ar = aq + m * K;
-      const float *asr = as + m * G, *asar = asa + m * G;
-      __m256 acc = _mm256_setzero_ps();
-      float c = 0.0f;
-      for (int64_t g = 0; g < G; g++) {
-        __m256i dot = _mm256_setzero_si256();
-        for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
-          const __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j / 2));
-          const __m256i lo = _mm256_and_si256(b, low);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-          const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ar + j));
-          const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ar + j + 32));
-          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1));
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
-        }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sr[g] * asr[g]), acc);
-        c += cr[g] * asar[g];
-      }
-      y[m * N + n] = hsum(acc) + c;
-    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows_dot(wr, sr, cr, aq, as, asa, K, G, gs, N, m, n, y, 4);
+    for (; m < M; m++) rows_dot(wr, sr, cr, aq, as, asa, K, G, gs, N, m, n, y, 1);
   }
   free(aq);
   return 0;

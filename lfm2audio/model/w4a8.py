@@ -33,7 +33,8 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("w4a8.c")
 CHUNK = 64  # input features per 32 packed bytes; K and the group size must be multiples of it
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: no fused multiply-adds but the written ones, so a row's bits never depend on the batch.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ENV_KERNEL = "LFM2AUDIO_INT4_KERNEL"  # "aten": int4 layers use PyTorch's kernel even where this one works
 
 
