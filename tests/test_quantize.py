@@ -134,6 +134,10 @@ def test_w4a8_has_int4s_weights_and_is_close_to_their_product():
     assert torch.equal(y[3], b)
     assert torch.equal(layer(x.view(2, 3, 256)), y.view(2, 3, 80))
     assert W4A8Linear.from_float(w, 128)(x.bfloat16()).dtype == torch.bfloat16  # the model's dtype
+    assert layer(x[:0]).shape == (0, 80)
+    layer.to(torch.bfloat16)  # casts the float scales: refused with a clear error, not read out of bounds
+    with pytest.raises(ValueError, match="expected contiguous float32"):
+        layer(x)
 
 
 @needs_w4a8

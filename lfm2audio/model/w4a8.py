@@ -131,7 +131,28 @@ def matmul(x: Tensor, weight: Tensor, scales: Tensor, corr: Tensor) -> Tensor:
     assert lib is not None, "w4a8.matmul called where available() is False"
     rows, in_features = x.shape
     out_features, groups = scales.shape
+    # The kernel reads raw memory: operands of another dtype or shape (a module cast with .to(dtype),
+    # say) would be read out of bounds, so they are refused here.
+    if not (
+        x.dtype == scales.dtype == corr.dtype == torch.float32
+        and weight.dtype == torch.uint8
+        and weight.shape == (out_features, in_features // 2)
+        and corr.shape == scales.shape
+        and in_features % groups == 0
+        and (in_features // groups) % CHUNK == 0
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and scales.is_contiguous()
+        and corr.is_contiguous()
+    ):
+        raise ValueError(
+            f"w4a8.matmul: got x {x.dtype} {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}, "
+            f"scales {scales.dtype} {tuple(scales.shape)}, corr {corr.dtype} {tuple(corr.shape)}; expected "
+            "contiguous float32 x (rows, in), uint8 weight (out, in / 2), float32 scales and corr (out, groups)"
+        )
     y = torch.empty((rows, out_features), dtype=torch.float32)
+    if rows == 0:
+        return y
     ptrs = (x.data_ptr(), rows, in_features, weight.data_ptr(), scales.data_ptr(), corr.data_ptr())
     if lib.w4a8_linear(*ptrs, out_features, in_features // groups, y.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"w4a8_linear: no memory for {rows} quantized rows of {in_features}")
