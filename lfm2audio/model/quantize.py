@@ -62,15 +62,15 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
         )
 
 
-def _rows(x: Tensor) -> Tensor:
-    """``x`` as a contiguous (rows, features) bfloat16 matrix (the kernels want exactly that).
+def _rows(x: Tensor, dtype: torch.dtype = _ACT) -> Tensor:
+    """``x`` as a contiguous (rows, features) matrix of ``dtype`` (the kernels want exactly that).
 
     Each call skips what it does not need: a decode step calls a few hundred quantized layers
     per frame, one row each, and a dispatched no-op costs about as much as a small op."""
     if x.dim() != 2:
         x = x.reshape(-1, x.shape[-1])
-    if x.dtype != _ACT:
-        x = x.to(_ACT)
+    if x.dtype != dtype:
+        x = x.to(dtype)
     return x if x.is_contiguous() else x.contiguous()
 
 
@@ -390,19 +390,11 @@ class W4A8Linear(nn.Module):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.dtype != torch.float32:
-            rows = rows.float()
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
         product = w4a8.linear if torch.compiler.is_compiling() else w4a8.matmul  # the op only where traced
-        return _out(product(rows, self.weight, self.scales, self.corr), x, self.bias, self.out_features)
+        y = product(_rows(x, torch.float32), self.weight, self.scales, self.corr)
+        return _out(y, x, self.bias, self.out_features)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
-        )
+    extra_repr = Int4Linear.extra_repr
 
 
 def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
