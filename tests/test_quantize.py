@@ -101,12 +101,13 @@ def test_int4_packed_a_block_of_rows_at_a_time_is_the_whole_packing():
 
 
 def test_int4_falls_back_where_its_kernels_cannot(monkeypatch):
-    """The AVX2 kernel takes any row count and groups of a multiple of 64 features; ATen's needs rows a
-    multiple of 16 (a codebook head has 2049); what fits neither is int8."""
+    """The int4 kernel of w4a8.c takes any row count and groups of a multiple of 8 features; ATen's needs
+    rows a multiple of 16 (a codebook head has 2049); what fits neither is int8."""
     head, narrow = torch.randn(2049, 64) * 0.02, torch.randn(64, 96) * 0.02  # 96 features: groups of 32
     if w4a8.available():
         assert isinstance(quantized_linear(head, None, "int4"), W4A8Linear)
-        assert isinstance(quantized_linear(narrow, None, "int4"), Int4Linear)
+        assert isinstance(quantized_linear(narrow, None, "int4"), W4A8Linear)
+        assert isinstance(quantized_linear(torch.randn(64, 36), None, "int4"), MODEL_INT8)  # groups of 18
     monkeypatch.setenv(w4a8.ENV_KERNEL, "aten")
     assert not w4a8.available()
     assert isinstance(quantized_linear(head, None, "int4"), MODEL_INT8)
@@ -124,7 +125,7 @@ def test_w4a8_has_int4s_weights_and_is_close_to_their_product():
     q, sz = quantize_int4(w, 128)
     scale, zero = sz[..., 0].float().T, sz[..., 1].float().T
     deq = ((q.float() - 8).view(80, 2, 128) * scale[..., None] + zero[..., None]).view(80, 256)
-    torch.testing.assert_close(w4a8.unpack(layer.weight, layer.scales, layer.corr), deq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w4a8.unpack(layer.weight, layer.scales, layer.corr, 80), deq, rtol=0, atol=1e-6)
     x = torch.randn(6, 256, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1e4, 1.0])[:, None]
     x[3] = 0
     y = layer(x)
@@ -138,6 +139,30 @@ def test_w4a8_has_int4s_weights_and_is_close_to_their_product():
     layer.to(torch.bfloat16)  # casts the float scales: refused with a clear error, not read out of bounds
     with pytest.raises(ValueError, match="expected contiguous float32"):
         layer(x)
+
+
+@needs_w4a8
+def test_w4a8_paths_agree_and_pad_the_last_tile():
+    """Every path this CPU has (AVX2; AVX-512 VNNI where present) gives the same product to float rounding,
+    each keeps a row's bits in any batch, and the padded rows of a last, partial tile of 16 outputs never
+    reach the output (out of 2049 rows, 21 outputs and groups of 8 features)."""
+    g = torch.Generator().manual_seed(3)
+    for out_features, in_features, group_size in ((2049, 256, 128), (21, 24, 8)):
+        w = torch.randn(out_features, in_features, generator=g) * 0.02
+        layer = W4A8Linear.from_float(w, group_size)
+        assert layer.weight.shape == (-(-out_features // 16), in_features // 8, 64)
+        x = torch.randn(9, in_features, generator=g)
+        exact = x @ w4a8.unpack(layer.weight, layer.scales, layer.corr, out_features).T
+        outs = {}
+        for isa in w4a8.cpu_isas():
+            y = outs[isa] = w4a8.matmul(x, layer.weight, layer.scales, layer.corr, out_features, isa=isa)
+            assert y.shape == (9, out_features) and _rel(y, exact) < 1e-2
+            for i in (0, 4, 8):
+                one = w4a8.matmul(x[i : i + 1], layer.weight, layer.scales, layer.corr, out_features, isa=isa)
+                assert torch.equal(one, y[i : i + 1])
+        for y in outs.values():
+            torch.testing.assert_close(y, outs["avx2"], rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    assert w4a8.isa() in w4a8.cpu_isas()
 
 
 @needs_w4a8

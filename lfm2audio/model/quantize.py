@@ -361,37 +361,42 @@ class Int4Linear(nn.Module):
 
 
 class W4A8Linear(nn.Module):
-    """Int4Linear's weights (the same codes and scales) with int8 activations, on the AVX2 kernel of
-    ``w4a8.py``, which reads the packed weights at about the memory's speed where ATen's int4 kernel is
-    compute-bound. Each input row is quantized per group of ``group_size`` features on its own peak, so a
-    row gives the same bits alone or in any batch. Buffers: ``weight`` (out, in / 2) uint8 in the
-    kernel's layout, ``scales`` and ``corr`` (out, in / group_size) float32 (a weight is code * scale + corr).
+    """Int4Linear's weights (the same codes and scales) with int8 activations, on the AVX2 / AVX-512 VNNI
+    kernel of ``w4a8.py``, which reads the packed weights at about the memory's speed where ATen's int4
+    kernel is compute-bound. Each input row is quantized per group of ``group_size`` features on its own
+    peak, so a row gives the same bits alone or in any batch. Buffers, in the kernel's tiles of 16 output
+    rows (``w4a8.pack``): ``weight`` uint8 (tiles, in / 8, 64), ``scales`` and ``corr`` float32
+    (tiles, in / group_size, 16) (a weight is code * scale + corr).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: Tensor | None = None) -> None:
         super().__init__()
         if not w4a8.fits(in_features, group_size):
-            raise ValueError(f"W4A8Linear needs group_size % {w4a8.CHUNK} == 0 dividing in_features, "
+            raise ValueError(f"W4A8Linear needs group_size % {w4a8.FEATURES} == 0 dividing in_features, "
                              f"got in_features={in_features}, group_size={group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = in_features // group_size
-        self.register_buffer("weight", torch.empty((out_features, in_features // 2), dtype=torch.uint8))
-        self.register_buffer("scales", torch.empty((out_features, groups), dtype=torch.float32))
-        self.register_buffer("corr", torch.empty((out_features, groups), dtype=torch.float32))
+        tiles, groups = w4a8.tiles(out_features), in_features // group_size
+        self.register_buffer("weight", torch.empty((tiles, in_features // w4a8.FEATURES, 64), dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty((tiles, groups, w4a8.TILE), dtype=torch.float32))
+        self.register_buffer("corr", torch.empty((tiles, groups, w4a8.TILE), dtype=torch.float32))
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     @classmethod
     def from_float(cls, weight: Tensor, group_size: int, bias: Tensor | None = None) -> W4A8Linear:
         out_features, in_features = weight.shape
         mod = cls(in_features, out_features, group_size, bias)
-        # A block of rows at a time, like pack_int4: a whole layer's int32 codes never exist at once.
-        parts = [w4a8.pack(*_int4_block(block, group_size)) for block in _row_blocks(weight, 8 << 20)]
+        # A block of rows at a time, like pack_int4: a whole layer's int32 codes never exist at once. Blocks
+        # are whole tiles, so only the last one is padded.
+        blocks = _row_blocks(weight, 8 << 20, multiple=w4a8.TILE)
+        parts = [w4a8.pack(*_int4_block(block, group_size)) for block in blocks]
         mod.weight, mod.scales, mod.corr = (torch.cat([p[i] for p in parts]) for i in range(3))
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        product = w4a8.linear if torch.compiler.is_compiling() else w4a8.matmul  # the op only where traced
-        y = product(_rows(x, torch.float32), self.weight, self.scales, self.corr)
+        if torch.compiler.is_compiling():  # the op only where traced
+            y = w4a8.linear(_rows(x, torch.float32), self.weight, self.scales, self.corr, self.out_features)
+        else:
+            y = w4a8.matmul(_rows(x, torch.float32), self.weight, self.scales, self.corr, self.out_features)
         return _out(y, x, self.bias, self.out_features)
 
     extra_repr = Int4Linear.extra_repr
