@@ -7,9 +7,10 @@ feed-forward) it times each kernel that ``--quantize`` can use here against floa
   on a CPU without VNNI each row is fed twice, as the layer does there);
 * ``int8wo``: ``Int8Linear``, weight-only int8, bf16 activations (``int8`` where fbgemm is missing, the codecs);
 * ``int4``: ``Int4Linear``, weight-only int4 in groups of 128, bf16 activations (``int4`` mode where the
-  AVX2 kernel is missing);
-* ``w4a8``: ``W4A8Linear``, the same int4 weights with int8 activations on the AVX2 kernel of
-  ``lfm2audio/model/w4a8.c`` (``int4`` mode on x86-64 CPUs with AVX2 and a C compiler).
+  int4 kernel of ``w4a8.c`` is missing);
+* ``w4a8``: ``W4A8Linear``, the same int4 weights with int8 activations on the kernel of
+  ``lfm2audio/model/w4a8.c`` (``int4`` mode on x86-64 CPUs with AVX2 and a C compiler), on its AVX-512
+  VNNI path where the CPU has one (``LFM2AUDIO_INT4_KERNEL=avx2`` times the AVX2 path there).
 
 A decode step reads every weight of the model once, far more than any cache holds, so each kernel
 cycles through enough copies of a layer that they fill several times the last-level cache: what is
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         f"\nquantized kernels, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"last-level cache {cache >> 20} MiB (each kernel streams >= 4x that), ms per layer (weight GB/s)"
     )
-    print(f"(w8a8 = {w8a8}; missing where fbgemm is not built in; w4a8 missing without AVX2 or a C compiler)")
+    w4 = f"w4a8 on its {w4a8.isa()} path" if w4a8.available() else "w4a8 missing: no AVX2 or no C compiler"
+    print(f"(w8a8 = {w8a8}; missing where fbgemm is not built in; {w4})")
     print("| threads | layer | rows | " + " | ".join(kernels) + " |")
     print("|---:|---|---:|" + "---:|" * len(kernels))
     keys = list(dict.fromkeys((r["threads"], r["layer"], r["rows"]) for r in results))  # in the order run
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpus": os.cpu_count(),
         "cache_bytes": cache,
         "act_levels": act_levels(),
+        "w4a8_isa": w4a8.isa() if w4a8.available() else None,
         "quick": args.quick,
     }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
