@@ -70,8 +70,8 @@ RUN pip install --no-cache-dir --no-deps . \
     && rm -rf /opt/lfm2audio-src/build /opt/lfm2audio-src/*.egg-info
 
 # The CPU image ships the int4 kernel built (lfm2audio/model/w4a8.py; its AVX2 and AVX-512 VNNI paths are
-# picked at run time): a compiler is installed for this step only. Where the build machine has no AVX2 (an emulated build) nothing is built, and int4
-# layers use PyTorch's slower kernel.
+# picked at run time): a compiler is installed for this step only. Where the build machine has no AVX2
+# (an emulated build) nothing is built, and int4 layers use PyTorch's slower kernel.
 ENV LFM2AUDIO_KERNEL_CACHE=/opt/lfm2audio-kernels
 # hadolint ignore=DL3008
 RUN if [ "$VARIANT" = cpu ]; then \

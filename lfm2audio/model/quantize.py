@@ -376,7 +376,8 @@ class W4A8Linear(nn.Module):
                              f"got in_features={in_features}, group_size={group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         tiles, groups = w4a8.tiles(out_features), in_features // group_size
-        self.register_buffer("weight", torch.empty((tiles, in_features // w4a8.FEATURES, 64), dtype=torch.uint8))
+        weight_shape = (tiles, in_features // w4a8.FEATURES, w4a8.TILE_ROW_BYTES)
+        self.register_buffer("weight", torch.empty(weight_shape, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty((tiles, groups, w4a8.TILE), dtype=torch.float32))
         self.register_buffer("corr", torch.empty((tiles, groups, w4a8.TILE), dtype=torch.float32))
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
@@ -393,10 +394,8 @@ class W4A8Linear(nn.Module):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # the op only where traced
-            y = w4a8.linear(_rows(x, torch.float32), self.weight, self.scales, self.corr, self.out_features)
-        else:
-            y = w4a8.matmul(_rows(x, torch.float32), self.weight, self.scales, self.corr, self.out_features)
+        product = w4a8.linear if torch.compiler.is_compiling() else w4a8.matmul  # the op only where traced
+        y = product(_rows(x, torch.float32), self.weight, self.scales, self.corr, self.out_features)
         return _out(y, x, self.bias, self.out_features)
 
     extra_repr = Int4Linear.extra_repr

@@ -132,9 +132,9 @@ static void product_avx2(const int8_t *aq, const float *as, const float *asa, in
 /* The same product with AVX-512 VNNI: vpdpbusd multiplies u8 by s8 and sums each 4 products into an int32
  * lane in one instruction, so a 64-byte vector is a whole tile. The high nibbles are multiplied in place
  * (16 times the code, masked, not shifted) into their own sums, exact in int32 (at most 16 * 15 * 127 * gs
- * for a group of gs features) and divided by 16 once per group. Integer sums are exact either way; only the float sums'
- * order differs from the AVX2 path, so the two agree to rounding, and each gives a row the same bits
- * alone or in any batch. */
+ * for a group of gs features) and divided by 16 once per group. Integer sums are exact either way; only
+ * the float sums' order differs from the AVX2 path, so the two agree to rounding, and each gives a row
+ * the same bits alone or in any batch. */
 #if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 9)
 #define HAVE_VNNI 1
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
@@ -190,8 +190,7 @@ VNNI static void product_vnni(const int8_t *aq, const float *as, const float *as
 #define HAVE_VNNI 0
 #endif
 
-/* Which instruction sets this CPU and build allow: 1 AVX2, 2 AVX-512 VNNI as well. */
-int w4a8_cpu_isa(void) {
+static int detect_isa(void) {
 #if HAVE_VNNI
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -200,6 +199,14 @@ int w4a8_cpu_isa(void) {
     return 2;
 #endif
   return 1;
+}
+
+/* Which instruction sets this CPU and build allow: 1 AVX2, 2 AVX-512 VNNI as well. Asked once: every
+ * product checks it, and the CPU does not change (threads racing here all store the same value). */
+int w4a8_cpu_isa(void) {
+  static int isa = 0;
+  if (isa == 0) isa = detect_isa();
+  return isa;
 }
 
 /* y (M, N) float32 = x (M, K) float32 @ W.T; K a multiple of gs, gs of 8. isa 2 takes the

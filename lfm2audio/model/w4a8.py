@@ -41,6 +41,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("w4a8.c")
 TILE = 16  # output rows per tile of the packed layout (the last tile is padded with zero rows)
 FEATURES = 8  # input features per 4-byte unit of a tile row; the group size must be a multiple of it
+TILE_ROW_BYTES = TILE * FEATURES // 2  # a tile's bytes for each FEATURES inputs: one 64-byte vector
 # -ffp-contract=off: no fused multiply-adds but the written ones, so a row's bits never depend on the batch.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ENV_KERNEL = "LFM2AUDIO_INT4_KERNEL"  # "aten": int4 layers use PyTorch's kernel; "avx2": not the VNNI path
@@ -154,7 +155,7 @@ def pack(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     codes = torch.nn.functional.pad(q.to(torch.uint8), (0, 0, 0, pad))
     codes = codes.reshape(n_tiles, TILE, in_features // FEATURES, 2, FEATURES // 2)
     weight = (codes[:, :, :, 0] | (codes[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
-    weight = weight.reshape(n_tiles, in_features // FEATURES, TILE * FEATURES // 2).contiguous()
+    weight = weight.reshape(n_tiles, in_features // FEATURES, TILE_ROW_BYTES).contiguous()
 
     def by_tile(t: Tensor) -> Tensor:
         return torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(n_tiles, TILE, -1).transpose(1, 2).contiguous()
@@ -190,7 +191,7 @@ def matmul(
     if not (
         x.dtype == scales.dtype == corr.dtype == torch.float32
         and weight.dtype == torch.uint8
-        and weight.shape == (n_tiles, in_features // FEATURES, TILE * FEATURES // 2)
+        and weight.shape == (n_tiles, in_features // FEATURES, TILE_ROW_BYTES)
         and scales.shape == corr.shape == (n_tiles, groups, TILE)
         and tiles(out_features) == n_tiles
         and in_features % groups == 0
